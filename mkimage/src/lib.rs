@@ -1,0 +1,8 @@
+//! mkimage: builds, verifies, customizes and registers cloud VM images.
+//!
+//! Data flow of a build: a [`recipe::Recipe`] (from TOML or the original cfg) goes to
+//! [`plan`], which decides the ordered list of [`stage::Stage`]s and their cache keys;
+//! [`build`] runs each stage inside host guards ([`host`]), and the output stage writes
+//! the image under a temporary name, hashes it and renames it into place.
+
+pub mod recipe;

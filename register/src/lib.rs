@@ -1,0 +1,1 @@
+//! Image registration to EC2 and OpenStack (filled by the register work).

@@ -1,0 +1,1 @@
+//! ConPaaS runtime: manager, agent, client (filled by the runtime work).
