@@ -5,4 +5,5 @@
 //! [`build`] runs each stage inside host guards ([`host`]), and the output stage writes
 //! the image under a temporary name, hashes it and renames it into place.
 
+pub mod manifest;
 pub mod recipe;
