@@ -398,12 +398,8 @@ pub(crate) fn read(text: &str, path: &Path) -> Result<Draft, RecipeError> {
     if enabled.iter().any(|(n, on)| n == "php" && *on) {
         match enabled.iter_mut().find(|(n, _)| n == "scalaris") {
             Some((_, on)) if *on => {}
-            Some((_, on)) => {
-                *on = true;
-                warnings.push(format!(
-                    "{file}: php_service=true enables scalaris_service (PHP sessions are kept in Scalaris)"
-                ));
-            }
+            // Silently, as the original did (the shipped default relies on it).
+            Some((_, on)) => *on = true,
             None => enabled.push(("scalaris".to_string(), true)),
         }
     }

@@ -203,7 +203,7 @@ impl Ctx<'_> {
 /// Turns a deserialization error into a located [`RecipeError`].
 fn de_error(text: &str, file: &str, e: toml::de::Error) -> RecipeError {
     let line = e.span().map(|s| line_of(text, s.start));
-    let msg = e.message().trim().to_string();
+    let msg = e.message().trim().replace('\n', "; ");
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         if let Some((name, expected)) = rest.split_once('`') {
             let table = line
