@@ -739,3 +739,17 @@ fn schema_describes_the_toml_format() {
         assert!(text.contains(needle), "schema lacks {needle}");
     }
 }
+
+#[test]
+fn legacy_container_ec2_cloud_forces_xen() {
+    let nut = "cloud = ec2\nnutshell = false\ncontainer = true";
+    let r = legacy(&cfg_text(CUST, nut, "")).unwrap();
+    assert_eq!((r.cloud, r.hypervisor), (Cloud::Ec2, Hypervisor::Xen));
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    // CUSTOMIZABLE ec2 is checked before the container cloud replaces it (as the original).
+    let cust = CUST.replace("cloud = openstack", "cloud = ec2");
+    let nut = "cloud = openstack\nnutshell = false\ncontainer = true";
+    let r = legacy(&cfg_text(&cust, nut, "")).unwrap();
+    assert_eq!((r.cloud, r.hypervisor), (Cloud::Openstack, Hypervisor::Xen));
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+}

@@ -65,9 +65,9 @@ pub fn parse_ini(text: &str, file: &str) -> Result<Vec<IniSection>, RecipeError>
                 continue;
             }
         }
-        if line.starts_with('[') {
-            if let Some(end) = line[1..].find(']').map(|e| e + 1) {
-                let name = &line[1..end];
+        if let Some(after) = line.strip_prefix('[') {
+            if let Some(end) = after.find(']') {
+                let name = &after[..end];
                 if !name.is_empty() {
                     current = Some(match sections.iter().position(|s| s.name == name) {
                         Some(pos) => pos,
@@ -314,6 +314,7 @@ pub(crate) fn read(text: &str, path: &Path) -> Result<Draft, RecipeError> {
     // [CUSTOMIZABLE]
     let hv = cfg.get(cust, "hypervisor")?;
     d.hypervisor = cfg.check(hv, values::hypervisor(&hv.value))?;
+    d.hypervisor_explicit = true;
     loc!("hypervisor", hv);
     let cl = cfg.get(cust, "cloud")?;
     d.cloud = cfg.check(cl, values::cloud(&cl.value))?;

@@ -208,11 +208,12 @@ pub fn size(v: &str) -> Result<u64, String> {
         // frac / 10^len * factor must be a whole number of MiB.
         let denom = 10u64.checked_pow(frac.len() as u32).ok_or_else(err)?;
         let f: u64 = frac.parse().map_err(|_| err())?;
-        let scaled = f * factor;
-        if scaled % denom != 0 {
+        let scaled = f.checked_mul(factor).ok_or_else(err)?;
+        let whole = scaled / denom;
+        if whole * denom != scaled {
             return Err(format!("size `{v}` is not a whole number of MiB"));
         }
-        mib += scaled / denom;
+        mib = mib.checked_add(whole).ok_or_else(err)?;
     }
     if mib == 0 {
         return Err(format!("size `{v}` must be greater than 0"));
