@@ -725,6 +725,9 @@ fn schema_describes_the_toml_format() {
         ]
     );
     assert_eq!(s["additionalProperties"], false);
+    assert!(s.get("required").is_none(), "every key is optional");
+    assert_eq!(s["properties"]["dist"]["type"], "string", "no null in TOML");
+    assert!(!json_schema().contains("null"));
     let text = json_schema();
     for needle in [
         "openstack",

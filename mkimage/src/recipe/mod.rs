@@ -215,7 +215,24 @@ fn read_file(path: &std::path::Path) -> Result<String, RecipeError> {
 /// The JSON Schema of the TOML recipe format (printed by `mkimage schema`).
 pub fn json_schema() -> String {
     let schema = schemars::schema_for!(RecipeFile);
-    serde_json::to_string_pretty(&schema).expect("schema serializes")
+    let mut value = serde_json::to_value(&schema).expect("schema serializes");
+    strip_null_defaults(&mut value);
+    serde_json::to_string_pretty(&value).expect("schema serializes")
+}
+
+/// Optional keys are simply absent in TOML (which has no null): drop the
+/// `"default": null` that schemars adds for them.
+fn strip_null_defaults(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if map.get("default").is_some_and(|d| d.is_null()) {
+                map.remove("default");
+            }
+            map.values_mut().for_each(strip_null_defaults);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_null_defaults),
+        _ => {}
+    }
 }
 
 /// True for releases that parse and plan but that current Debian mirrors no longer

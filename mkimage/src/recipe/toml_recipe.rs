@@ -29,48 +29,64 @@ use toml::Spanned;
 pub struct RecipeFile {
     /// Debian release code name (bullseye, bookworm, trixie; squeeze, wheezy, jessie,
     /// stretch and buster parse but cannot be built). Default: the host's release.
-    #[schemars(with = "Option<String>")]
+    #[serde(default)]
+    #[schemars(with = "String")]
     pub dist: Option<Spanned<String>>,
     /// Debian architecture. Default: amd64.
-    #[schemars(with = "Option<Arch>")]
+    #[serde(default)]
+    #[schemars(with = "Arch")]
     pub arch: Option<Spanned<String>>,
     /// Debian mirror URL. Default: the mirror the host's apt uses.
-    #[schemars(with = "Option<String>")]
+    #[serde(default)]
+    #[schemars(with = "String")]
     pub mirror: Option<Spanned<String>>,
     /// Target cloud. Default: openstack.
-    #[schemars(with = "Option<Cloud>")]
+    #[serde(default)]
+    #[schemars(with = "Cloud")]
     pub cloud: Option<Spanned<String>>,
     /// Hypervisor. Default: kvm (xen for ec2; ec2 with kvm is forced to xen with a warning).
-    #[schemars(with = "Option<Hypervisor>")]
+    #[serde(default)]
+    #[schemars(with = "Hypervisor")]
     pub hypervisor: Option<Spanned<String>>,
     /// disk (bootable partitioned image), container (bare root filesystem) or nutshell.
     /// Default: disk, or nutshell when a [nutshell] table is present.
-    #[schemars(with = "Option<Layout>")]
+    #[serde(default)]
+    #[schemars(with = "Layout")]
     pub layout: Option<Spanned<String>>,
     /// Image size: an integer of MiB, or a string with unit M or G ("3072M", "2G",
     /// "1.5G"). At least 512 MiB for disk images. Default: 2048. In the nutshell layout
     /// this is the embedded image.
-    #[schemars(with = "Option<SizeValue>")]
+    #[serde(default)]
+    #[schemars(with = "SizeValue")]
     pub size: Option<Spanned<toml::Value>>,
     /// Prune unneeded packages, docs and locales, then shrink the filesystem. Default: false.
-    #[schemars(with = "Option<bool>")]
+    #[serde(default)]
+    #[schemars(with = "bool")]
     pub optimize: Option<Spanned<bool>>,
     /// ConPaaS services to install, in order. Default: none.
-    #[schemars(with = "Option<Vec<String>>")]
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub services: Option<Spanned<Vec<Spanned<String>>>>,
     /// Host name of the image (one RFC 1123 label). Default: conpaas.
-    #[schemars(with = "Option<String>")]
+    #[serde(default)]
+    #[schemars(with = "String")]
     pub hostname: Option<Spanned<String>>,
     /// Extra Debian packages for the base system.
-    #[schemars(with = "Option<Vec<String>>")]
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub packages: Option<Spanned<Vec<Spanned<String>>>>,
     /// Kernel package. Default: linux-image-cloud-amd64 on amd64 ec2/openstack,
     /// linux-image-amd64 / linux-image-686 otherwise.
-    #[schemars(with = "Option<String>")]
+    #[serde(default)]
+    #[schemars(with = "String")]
     pub kernel: Option<Spanned<String>>,
     /// Output files.
+    #[serde(default)]
+    #[schemars(with = "OutputsFile")]
     pub outputs: Option<OutputsFile>,
     /// Nutshell settings (the outer image); implies layout = "nutshell".
+    #[serde(default)]
+    #[schemars(with = "NutshellFile")]
     pub nutshell: Option<NutshellFile>,
 }
 
@@ -79,10 +95,12 @@ pub struct RecipeFile {
 #[serde(deny_unknown_fields)]
 pub struct OutputsFile {
     /// File name of the raw image; other formats swap the extension. Default: conpaas.img.
-    #[schemars(with = "Option<String>")]
+    #[serde(default)]
+    #[schemars(with = "String")]
     pub filename: Option<Spanned<String>>,
     /// Formats to write. tar only for the container layout. Default: ["raw"].
-    #[schemars(with = "Option<Vec<OutputFormat>>")]
+    #[serde(default)]
+    #[schemars(with = "Vec<OutputFormat>")]
     pub formats: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
@@ -91,16 +109,20 @@ pub struct OutputsFile {
 #[serde(deny_unknown_fields)]
 pub struct NutshellFile {
     /// What the Nutshell embeds. Default: container.
-    #[schemars(with = "Option<NutshellEmbed>")]
+    #[serde(default)]
+    #[schemars(with = "NutshellEmbed")]
     pub embed: Option<Spanned<String>>,
     /// Host name of the Nutshell. Default: nutshell.
-    #[schemars(with = "Option<String>")]
+    #[serde(default)]
+    #[schemars(with = "String")]
     pub hostname: Option<Spanned<String>>,
     /// File name of the Nutshell image. Default: nutshell.img.
-    #[schemars(with = "Option<String>")]
+    #[serde(default)]
+    #[schemars(with = "String")]
     pub filename: Option<Spanned<String>>,
     /// Size of the Nutshell image, as `size`. Default: 15360 (MiB).
-    #[schemars(with = "Option<SizeValue>")]
+    #[serde(default)]
+    #[schemars(with = "SizeValue")]
     pub size: Option<Spanned<toml::Value>>,
 }
 
