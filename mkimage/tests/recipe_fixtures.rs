@@ -307,3 +307,31 @@ fn container_and_nutshell_tomls() {
     assert_eq!(r.size_mib, 2048);
     assert_eq!(r.formats, [OutputFormat::Raw, OutputFormat::Vdi]);
 }
+
+#[test]
+fn host_trees() {
+    let root = fixtures().join("host");
+    let h = HostFacts::detect_in(&root.join("bookworm"));
+    assert_eq!(h.dist.as_deref(), Some("bookworm"));
+    assert_eq!(h.mirror.as_deref(), Some("http://mirror.example/debian"));
+    let h = HostFacts::detect_in(&root.join("legacy-list"));
+    assert_eq!(h.dist.as_deref(), Some("bookworm"));
+    assert_eq!(h.mirror.as_deref(), Some("http://mirror.example/debian"));
+    let h = HostFacts::detect_in(&root.join("ubuntu"));
+    assert_eq!(h, HostFacts::default());
+    // A recipe without a mirror then fails, naming the apt files read.
+    let err = load(&RecipeInput::Defaults, &Overrides::default(), &h).unwrap_err();
+    assert!(
+        err.to_string().contains("/etc/apt/sources.list.d/*.list"),
+        "{err}"
+    );
+}
+
+#[test]
+fn detect_on_this_host_does_not_panic() {
+    let h = HostFacts::detect();
+    if let Some(m) = &h.mirror {
+        assert!(m.contains("://"), "{m}");
+        assert!(h.dist.is_some());
+    }
+}
