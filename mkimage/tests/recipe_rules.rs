@@ -576,7 +576,7 @@ fn overrides_are_validated() {
                 formats: Some(vec!["tar".into()]),
                 ..Default::default()
             },
-            "--formats",
+            "--format",
             "does not fit layout `disk`",
         ),
         (
@@ -755,4 +755,14 @@ fn legacy_container_ec2_cloud_forces_xen() {
     let r = legacy(&cfg_text(&cust, nut, "")).unwrap();
     assert_eq!((r.cloud, r.hypervisor), (Cloud::Openstack, Hypervisor::Xen));
     assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+}
+
+#[test]
+fn empty_services_override_means_none() {
+    let o = Overrides {
+        services: Some(vec!["".into()]),
+        ..Default::default()
+    };
+    let r = toml_with("services = [\"mysql\"]", &o).unwrap();
+    assert!(r.services.is_empty());
 }

@@ -155,7 +155,7 @@ pub enum RecipeInput {
 
 /// Command-line overrides, applied after the recipe file and validated the same way.
 /// Errors name the file `command line` and the flag (`--cloud`, `--hypervisor`,
-/// `--size`, `--dist`, `--output`, `--services`, `--layout`, `--formats`, `--mirror`,
+/// `--size`, `--dist`, `--output`, `--services`, `--layout`, `--format`, `--mirror`,
 /// `--optimize`).
 ///
 /// `output` and `size` name the final artefact: for the nutshell layout they set the
@@ -433,8 +433,9 @@ impl Draft {
         }
         if let Some(list) = &o.services {
             let mut services = Vec::new();
-            for s in list {
-                services.push(cl("--services", values::service(s.trim()))?);
+            // Empty entries are skipped, so `--services ""` means no services.
+            for s in list.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+                services.push(cl("--services", values::service(s))?);
             }
             self.services = services;
             set(self, "services", "--services");
@@ -442,10 +443,10 @@ impl Draft {
         if let Some(list) = &o.formats {
             let mut formats = Vec::new();
             for f in list {
-                formats.push(cl("--formats", values::format(f.trim()))?);
+                formats.push(cl("--format", values::format(f.trim()))?);
             }
             self.formats = formats;
-            set(self, "formats", "--formats");
+            set(self, "formats", "--format");
         }
         if let Some(v) = o.optimize {
             self.optimize = v;
