@@ -379,6 +379,11 @@ fn toml_ec2_kvm_warns_only_when_explicit() {
     let r = toml("cloud = \"ec2\"\nhypervisor = \"kvm\"\n").unwrap();
     assert_eq!(r.hypervisor, Hypervisor::Xen);
     assert_eq!(r.warnings.len(), 1);
+    assert!(
+        r.warnings[0].contains(":2: key `hypervisor`: "),
+        "{:?}",
+        r.warnings
+    );
     assert!(r.warnings[0].contains("cloud=ec2 forces hypervisor=xen"));
     let r = toml("cloud = \"ec2\"\n").unwrap();
     assert_eq!(r.hypervisor, Hypervisor::Xen);

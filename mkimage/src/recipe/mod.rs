@@ -486,8 +486,11 @@ impl Draft {
 
         if self.cloud == Cloud::Ec2 && self.hypervisor != Hypervisor::Xen {
             if self.hypervisor_explicit {
-                self.warnings
-                    .push("cloud=ec2 forces hypervisor=xen (hypervisor=kvm was given)".to_string());
+                let w = self.err(
+                    "hypervisor",
+                    "cloud=ec2 forces hypervisor=xen (hypervisor=kvm was given)",
+                );
+                self.warnings.push(w.to_string());
             }
             self.hypervisor = Hypervisor::Xen;
         }
