@@ -1,0 +1,530 @@
+//! The service manager (service id 0): states, node management through the controller,
+//! helloworld.
+//!
+//! States and preconditions (original `core/manager.py`):
+//! * `startup` only from `INIT`/`STOPPED` → `PROLOGUE` → `RUNNING` (or `ERROR`);
+//! * `add_nodes`/`remove_nodes` only in `RUNNING` → `ADAPTING` → `RUNNING` (or `ERROR`);
+//! * `remove_nodes` must leave at least one node ("Requesting to delete N nodes while only M
+//!   can be removed");
+//! * `stop` from any state but `EPILOGUE` → `EPILOGUE` → `STOPPED` (it waits for a running
+//!   operation to finish first).
+//!
+//! Every transition is recorded in the state log `{time, state, reason}`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use crate::args::{is_dict, is_string, Args};
+use crate::cloud::ServiceNode;
+use crate::config::Ini;
+use crate::controller::{join_all, Controller};
+use crate::expose;
+use crate::rpc::{Exposed, Methods, Params, RpcError, RpcResult};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum State {
+    INIT,
+    PROLOGUE,
+    RUNNING,
+    ADAPTING,
+    EPILOGUE,
+    STOPPED,
+    ERROR,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StateEntry {
+    pub time: f64,
+    pub state: State,
+    pub reason: String,
+}
+
+pub const ROLE_NODE: &str = "node";
+
+struct Inner {
+    state: State,
+    log: Vec<StateEntry>,
+    nodes: Vec<ServiceNode>,
+}
+
+pub struct Manager {
+    pub service_type: String,
+    pub log_file: PathBuf,
+    controller: Arc<Controller>,
+    inner: Mutex<Inner>,
+    /// Held by every background operation: operations never overlap.
+    ops: tokio::sync::Mutex<()>,
+}
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+impl Manager {
+    pub fn new(service_type: &str, log_file: PathBuf, controller: Arc<Controller>) -> Arc<Self> {
+        let m = Manager {
+            service_type: service_type.to_string(),
+            log_file,
+            controller,
+            inner: Mutex::new(Inner { state: State::INIT, log: Vec::new(), nodes: Vec::new() }),
+            ops: tokio::sync::Mutex::new(()),
+        };
+        m.set_state(State::INIT, "Manager initialized");
+        Arc::new(m)
+    }
+
+    pub fn state(&self) -> State {
+        self.inner.lock().expect("state lock").state
+    }
+
+    pub fn nodes(&self) -> Vec<ServiceNode> {
+        self.inner.lock().expect("state lock").nodes.clone()
+    }
+
+    fn set_state(&self, s: State, reason: &str) {
+        let mut i = self.inner.lock().expect("state lock");
+        Self::record(&mut i, s, reason);
+    }
+
+    fn record(i: &mut Inner, s: State, reason: &str) {
+        tracing::info!("state {} -> {s}: {reason}", i.state);
+        i.state = s;
+        i.log.push(StateEntry { time: now(), state: s, reason: reason.to_string() });
+    }
+
+    /// Atomically checks the precondition and moves to `to`.
+    fn transition(&self, op: &str, from: &[State], to: State, reason: &str) -> Result<(), RpcError> {
+        let mut i = self.inner.lock().expect("state lock");
+        if !from.contains(&i.state) {
+            let allowed: Vec<String> = from.iter().map(|s| s.to_string()).collect();
+            return Err(RpcError(format!(
+                "Wrong state to {op}: service is {} (must be {})",
+                i.state,
+                allowed.join(" or ")
+            )));
+        }
+        Self::record(&mut i, to, reason);
+        Ok(())
+    }
+
+    /// `check_node_roles`: role → count, `count` maps to the default role, sum > 0.
+    fn check_node_roles(nodes: &Map<String, Value>) -> Result<usize, RpcError> {
+        let mut total: i64 = 0;
+        for (role, v) in nodes {
+            if role != ROLE_NODE && role != "count" {
+                return Err(RpcError(format!("Unknown role '{role}' (roles: {ROLE_NODE})")));
+            }
+            let n = crate::args::is_int(v).map_err(|e| RpcError(format!("Role '{role}': {e}.")))?;
+            if n < 0 {
+                return Err(RpcError(format!("Role '{role}': negative number of nodes {n}.")));
+            }
+            total += n;
+        }
+        if total <= 0 {
+            return Err(RpcError::new("The number of nodes must be greater than 0."));
+        }
+        Ok(total as usize)
+    }
+
+    /// Creates and starts `count` nodes; returns them and whether all went well.
+    async fn grow(&self, count: usize, cloud: &str) -> (Vec<ServiceNode>, Option<String>) {
+        if cloud != "default" && cloud != self.controller.cloud.cloud_name() {
+            return (Vec::new(), Some(format!("Unknown cloud '{cloud}'")));
+        }
+        let created = self.controller.create_nodes(count, ROLE_NODE).await;
+        let mut problem = None;
+        if created.ready.len() < count {
+            problem = Some(format!(
+                "only {} of {count} node(s) started ({} never answered{})",
+                created.ready.len(),
+                created.failed.len(),
+                if created.errors.is_empty() { String::new() } else { format!("; {}", created.errors.join("; ")) }
+            ));
+        }
+        // on_start / on_add_nodes: POST startup on every new agent.
+        let calls = created
+            .ready
+            .iter()
+            .map(|n| async move { (n.id.clone(), self.controller.agent_client(n).post(0, "startup", &json!({})).await) });
+        for (id, r) in join_all(calls).await {
+            if let Err(e) = r {
+                problem = Some(format!("startup of node {id} failed: {e}"));
+            }
+        }
+        (created.ready, problem)
+    }
+
+    // ---- exposed methods ----
+
+    async fn check_process(&self, p: Params) -> RpcResult {
+        Args::new(p).finish()?;
+        Ok(json!({}))
+    }
+
+    async fn get_service_info(&self, p: Params) -> RpcResult {
+        Args::new(p).finish()?;
+        Ok(json!({"state": self.state(), "type": self.service_type}))
+    }
+
+    async fn get_service_history(&self, p: Params) -> RpcResult {
+        Args::new(p).finish()?;
+        Ok(json!({"state_log": self.inner.lock().expect("state lock").log}))
+    }
+
+    async fn get_log(&self, p: Params) -> RpcResult {
+        Args::new(p).finish()?;
+        crate::agent::read_log(&self.log_file).await
+    }
+
+    async fn startup(self: &Arc<Self>, p: Params) -> RpcResult {
+        let mut a = Args::new(p);
+        let cloud = a.opt("cloud", is_string, "default".to_string())?;
+        a.finish()?;
+        self.transition("startup", &[State::INIT, State::STOPPED], State::PROLOGUE, "Starting up")?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _op = me.ops.lock().await;
+            let (nodes, problem) = me.grow(1, &cloud).await;
+            let n = nodes.len();
+            me.inner.lock().expect("state lock").nodes.extend(nodes);
+            match problem {
+                None => me.set_state(State::RUNNING, &format!("Started with {n} node(s)")),
+                Some(p) => me.set_state(State::ERROR, &format!("Startup failed: {p}")),
+            }
+        });
+        Ok(json!({"state": State::PROLOGUE}))
+    }
+
+    async fn add_nodes(self: &Arc<Self>, p: Params) -> RpcResult {
+        let mut a = Args::new(p);
+        let nodes = a.req("nodes", is_dict)?;
+        let cloud = a.opt("cloud", is_string, "default".to_string())?;
+        a.finish()?;
+        let count = Self::check_node_roles(&nodes)?;
+        self.transition("add_nodes", &[State::RUNNING], State::ADAPTING, &format!("Adding {count} node(s)"))?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _op = me.ops.lock().await;
+            let (nodes, problem) = me.grow(count, &cloud).await;
+            let n = nodes.len();
+            me.inner.lock().expect("state lock").nodes.extend(nodes);
+            match problem {
+                None => me.set_state(State::RUNNING, &format!("Added {n} node(s)")),
+                Some(p) => me.set_state(State::ERROR, &format!("Adding nodes failed: {p}")),
+            }
+        });
+        Ok(json!({"state": State::ADAPTING}))
+    }
+
+    async fn remove_nodes(self: &Arc<Self>, p: Params) -> RpcResult {
+        let mut a = Args::new(p);
+        let nodes = a.req("nodes", is_dict)?;
+        a.finish()?;
+        let count = Self::check_node_roles(&nodes)?;
+        let to_remove = {
+            let mut i = self.inner.lock().expect("state lock");
+            if i.state != State::RUNNING {
+                return Err(RpcError(format!("Wrong state to remove_nodes: service is {} (must be RUNNING)", i.state)));
+            }
+            let removable = i.nodes.len().saturating_sub(1);
+            if count > removable {
+                return Err(RpcError(if removable == 0 {
+                    format!("Requesting to delete {count} nodes while none can be removed")
+                } else {
+                    format!("Requesting to delete {count} nodes while only {removable} can be removed")
+                }));
+            }
+            let keep = i.nodes.len() - count;
+            let gone = i.nodes.split_off(keep);
+            Self::record(&mut i, State::ADAPTING, &format!("Removing {count} node(s)"));
+            gone
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _op = me.ops.lock().await;
+            me.controller.delete_nodes(&to_remove).await;
+            me.set_state(State::RUNNING, &format!("Removed {} node(s)", to_remove.len()));
+        });
+        Ok(json!({"state": State::ADAPTING}))
+    }
+
+    async fn stop(self: &Arc<Self>, p: Params) -> RpcResult {
+        Args::new(p).finish()?;
+        self.transition(
+            "stop",
+            &[State::INIT, State::PROLOGUE, State::RUNNING, State::ADAPTING, State::STOPPED, State::ERROR],
+            State::EPILOGUE,
+            "Stopping",
+        )?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _op = me.ops.lock().await;
+            let nodes = std::mem::take(&mut me.inner.lock().expect("state lock").nodes);
+            me.controller.delete_nodes(&nodes).await;
+            me.set_state(State::STOPPED, &format!("Stopped ({} node(s) deleted)", nodes.len()));
+        });
+        Ok(json!({"state": State::EPILOGUE}))
+    }
+
+    async fn list_nodes(&self, p: Params) -> RpcResult {
+        Args::new(p).finish()?;
+        let i = self.inner.lock().expect("state lock");
+        if !matches!(i.state, State::RUNNING | State::ADAPTING) {
+            return Ok(json!({}));
+        }
+        let ids: Vec<&str> = i.nodes.iter().map(|n| n.id.as_str()).collect();
+        let mut m = BTreeMap::new();
+        m.insert(self.service_type.clone(), ids);
+        Ok(json!(m))
+    }
+
+    fn find_node(&self, id: &str) -> Result<ServiceNode, RpcError> {
+        self.inner
+            .lock()
+            .expect("state lock")
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .cloned()
+            .ok_or_else(|| RpcError(format!("Invalid node id '{id}'")))
+    }
+
+    async fn get_node_info(&self, p: Params) -> RpcResult {
+        let mut a = Args::new(p);
+        let id = a.req("serviceNodeId", is_string)?;
+        a.finish()?;
+        let n = self.find_node(&id)?;
+        Ok(json!({"serviceNode": {
+            "id": n.id, "ip": n.ip, "vmid": n.vmid, "cloud": n.cloud, "role": n.role, "port": n.port,
+            "logs": [{"filename": "agent.log", "description": "Agent log"}]
+        }}))
+    }
+
+    async fn get_agent_log(&self, p: Params) -> RpcResult {
+        let mut a = Args::new(p);
+        let id = a.req("agentId", is_string)?;
+        a.finish()?;
+        let n = self.find_node(&id)?;
+        Ok(self.controller.agent_client(&n).get(0, "get_log", &json!({})).await.map_err(|e| RpcError(e.to_string()))?)
+    }
+
+    async fn get_helloworld(&self, p: Params) -> RpcResult {
+        Args::new(p).finish()?;
+        let nodes = {
+            let i = self.inner.lock().expect("state lock");
+            if i.state != State::RUNNING {
+                return Err(RpcError(format!("Wrong state to get_helloworld: service is {} (must be RUNNING)", i.state)));
+            }
+            i.nodes.clone()
+        };
+        let calls = nodes.iter().map(|n| async move {
+            let r = self.controller.agent_client(n).get(0, "get_helloworld", &json!({})).await;
+            (n.id.clone(), r)
+        });
+        let mut lines = Vec::new();
+        for (id, r) in join_all(calls).await {
+            match r {
+                Ok(v) => {
+                    let s = v.get("result").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| v.to_string());
+                    lines.push(format!("Received {s} from {id}"));
+                }
+                Err(e) => return Err(RpcError(format!("Node {id} did not answer: {e}"))),
+            }
+        }
+        Ok(json!({"helloworld": lines.join("\n")}))
+    }
+
+    /// Deletes every node (shutdown).
+    pub async fn shutdown(&self) {
+        let nodes = std::mem::take(&mut self.inner.lock().expect("state lock").nodes);
+        self.controller.delete_nodes(&nodes).await;
+    }
+}
+
+impl Exposed for Manager {
+    fn expose(self: Arc<Self>, m: &mut Methods) {
+        expose!(m, self, {
+            GET check_process, GET get_service_info, GET get_service_history, GET get_log,
+            GET list_nodes, GET get_node_info, GET get_agent_log,
+            POST startup, POST add_nodes, POST remove_nodes, POST stop,
+        });
+        if self.service_type == "helloworld" {
+            expose!(m, self, { GET get_helloworld });
+        }
+    }
+}
+
+/// `[manager]` settings.
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    pub service_type: String,
+    pub deployment_name: String,
+    pub user_id: u64,
+    pub app_id: u64,
+    pub service_id: u64,
+    pub my_ip: String,
+    pub bind: String,
+    pub port: u16,
+    pub enroll_port: u16,
+    pub log_file: PathBuf,
+    pub cert_dir: PathBuf,
+    pub ca_dir: PathBuf,
+    pub var_run: PathBuf,
+    pub var_cache: PathBuf,
+    pub config_dir: Option<PathBuf>,
+    pub cloud: String,
+    pub cloud_name: String,
+    pub agent_port: u16,
+    pub poll: Duration,
+    pub boot_timeout: Duration,
+    pub max_retries: u32,
+    pub token_ttl: Duration,
+    pub cps_bin: Option<PathBuf>,
+    pub local_dead_nodes: u32,
+    pub replacements: BTreeMap<String, String>,
+}
+
+fn secs(s: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(s).map_err(|e| anyhow::anyhow!("bad duration {s}: {e}"))
+}
+
+impl ManagerConfig {
+    pub fn from_ini(ini: &Ini) -> Result<Self> {
+        const S: &str = "manager";
+        for k in ["LOG_FILE", "CERT_DIR", "VAR_RUN", "VAR_CACHE"] {
+            ini.require(S, k)?;
+        }
+        let opt = |k: &str| ini.get(S, k).filter(|v| !v.is_empty());
+        let service_type = ini.get_or(S, "TYPE", "helloworld");
+        let mut replacements = BTreeMap::new();
+        if service_type == "helloworld" {
+            replacements.insert("STRING".to_string(), ini.get_or(S, "CONTEXT_STRING", "helloworld"));
+        }
+        let cert_dir: PathBuf = ini.require(S, "CERT_DIR")?.into();
+        Ok(ManagerConfig {
+            service_type,
+            deployment_name: ini.get_or(S, "DEPLOYMENT_NAME", "conpaas"),
+            user_id: ini.require(S, "USER_ID")?.parse().context("USER_ID")?,
+            app_id: ini.require(S, "APP_ID")?.parse().context("APP_ID")?,
+            service_id: ini.parse_or(S, "SERVICE_ID", 1)?,
+            my_ip: ini.get_or(S, "MY_IP", "127.0.0.1"),
+            bind: ini.get_or(S, "BIND", "0.0.0.0"),
+            port: ini.parse_or(S, "PORT", 443)?,
+            enroll_port: ini.parse_or(S, "ENROLL_PORT", 4443)?,
+            log_file: ini.require(S, "LOG_FILE")?.into(),
+            ca_dir: opt("CA_DIR").map(PathBuf::from).unwrap_or_else(|| cert_dir.clone()),
+            cert_dir,
+            var_run: ini.require(S, "VAR_RUN")?.into(),
+            var_cache: ini.require(S, "VAR_CACHE")?.into(),
+            config_dir: opt("CONFIG_DIR").map(PathBuf::from),
+            cloud: ini.get_or(S, "CLOUD", "local"),
+            cloud_name: ini.get_or(S, "CLOUD_NAME", "iaas"),
+            agent_port: ini.parse_or(S, "AGENT_PORT", 5555)?,
+            poll: secs(ini.parse_or(S, "POLL_INTERVAL", 5.0)?)?,
+            boot_timeout: secs(ini.parse_or(S, "BOOT_TIMEOUT", 300.0)?)?,
+            max_retries: ini.parse_or(S, "MAX_RETRIES", 2)?,
+            token_ttl: secs(ini.parse_or(S, "TOKEN_TTL", 900.0)?)?,
+            cps_bin: opt("CPS_BIN").map(PathBuf::from),
+            local_dead_nodes: ini.parse_or(S, "LOCAL_DEAD_NODES", 0)?,
+            replacements,
+        })
+    }
+}
+
+/// A running manager: RPC and enrolment listeners plus the objects behind them.
+pub struct Running {
+    pub manager: Arc<Manager>,
+    pub rpc_addr: std::net::SocketAddr,
+    pub enroll_addr: std::net::SocketAddr,
+    pub local_cloud: Option<Arc<crate::cloud::LocalCloud>>,
+}
+
+/// Builds the manager from its config and starts serving (in background tasks).
+pub async fn start(cfg: &ManagerConfig) -> Result<Running> {
+    use crate::pki::{self, CertPaths, PeerRule, Role};
+    std::fs::create_dir_all(&cfg.var_run)?;
+    let certs = CertPaths::in_dir(&cfg.cert_dir);
+    let ca = pki::Ca::load(&cfg.ca_dir).context("the manager needs the CA (CA_DIR) to enrol its nodes")?;
+    let enroller = Arc::new(crate::enrol::Enroller::new(ca, cfg.token_ttl, 365));
+    let config = match &cfg.config_dir {
+        Some(d) => crate::context::ConfigTree::new(d),
+        None => crate::context::ConfigTree::locate()?,
+    };
+    let local_cloud;
+    let cloud: Arc<dyn crate::cloud::Cloud> = match cfg.cloud.as_str() {
+        "local" => {
+            let bin = match &cfg.cps_bin {
+                Some(b) => b.clone(),
+                None => std::env::current_exe()?,
+            };
+            let c = Arc::new(crate::cloud::LocalCloud::new(
+                &cfg.cloud_name,
+                bin,
+                cfg.var_cache.join("local-nodes"),
+                cfg.local_dead_nodes,
+            )?);
+            local_cloud = Some(c.clone());
+            c
+        }
+        other => anyhow::bail!("cloud driver '{other}' is not available (available: local)"),
+    };
+    let rpc_listener = tokio::net::TcpListener::bind((cfg.bind.as_str(), cfg.port))
+        .await
+        .with_context(|| format!("binding {}:{}", cfg.bind, cfg.port))?;
+    let enroll_listener = tokio::net::TcpListener::bind((cfg.bind.as_str(), cfg.enroll_port))
+        .await
+        .with_context(|| format!("binding {}:{}", cfg.bind, cfg.enroll_port))?;
+    let rpc_addr = rpc_listener.local_addr()?;
+    let enroll_addr = enroll_listener.local_addr()?;
+    let base_vars = crate::context::NodeVars {
+        role: Role::Agent,
+        service_type: cfg.service_type.clone(),
+        deployment_name: cfg.deployment_name.clone(),
+        user_id: cfg.user_id,
+        app_id: cfg.app_id,
+        service_id: cfg.service_id,
+        node_id: String::new(),
+        manager_ip: cfg.my_ip.clone(),
+        enroll_url: format!("https://{}:{}/enroll", cfg.my_ip, enroll_addr.port()),
+        token: String::new(),
+        ca_cert_pem: enroller.ca_cert_pem().to_string(),
+        port: cfg.agent_port,
+        replacements: cfg.replacements.clone(),
+        startup_script: None,
+    };
+    let agent_rule = PeerRule { roles: vec![Role::Agent, Role::Manager], uid: cfg.user_id, app: Some(cfg.app_id) };
+    let controller = Arc::new(Controller {
+        cloud,
+        config,
+        enroller: enroller.clone(),
+        agent_tls: pki::client_config(&certs, agent_rule)?,
+        base_vars,
+        poll: cfg.poll,
+        boot_timeout: cfg.boot_timeout,
+        max_retries: cfg.max_retries,
+    });
+    let manager = Manager::new(&cfg.service_type, cfg.log_file.clone(), controller);
+    let mut d = crate::rpc::Dispatcher::new();
+    d.add_service(0, manager.clone());
+    let tls = pki::server_config(&certs, PeerRule::manager_server(cfg.user_id, cfg.app_id))?;
+    tokio::spawn(crate::rpc::serve_tls(rpc_listener, tls, d.router()));
+    let etls = pki::enrol_server_config(&certs)?;
+    tokio::spawn(crate::rpc::serve_tls(enroll_listener, etls, enroller.router()));
+    let ports = json!({"port": rpc_addr.port(), "enroll_port": enroll_addr.port()});
+    pki::write_file(&cfg.var_run.join("ports.json"), &ports.to_string(), 0o644)?;
+    tracing::info!("manager listening on {rpc_addr} (enrolment on {enroll_addr})");
+    Ok(Running { manager, rpc_addr, enroll_addr, local_cloud })
+}
