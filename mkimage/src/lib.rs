@@ -2,8 +2,17 @@
 //!
 //! Data flow of a build: a [`recipe::Recipe`] (from TOML or the original cfg) goes to
 //! [`plan`], which decides the ordered list of [`stage::Stage`]s and their cache keys;
-//! [`build`] runs each stage inside host guards ([`host`]), and the output stage writes
+//! [`build`] runs each stage inside host guards ([`host`]), and the output step writes
 //! the image under a temporary name, hashes it and renames it into place.
 
+pub mod boot;
+pub mod build;
+pub mod cache;
+pub mod host;
+pub mod logging;
 pub mod manifest;
+pub mod plan;
+pub mod preflight;
 pub mod recipe;
+pub mod stage;
+pub mod verify;

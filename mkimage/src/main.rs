@@ -1,1 +1,400 @@
-fn main() {}
+//! The `mkimage` command line: parse, call the library, map errors to exit codes
+//! (0 ok, 1 a failed build or check, 2 bad input, 130 interrupted).
+
+use clap::{Args, Parser, Subcommand};
+use mkimage::recipe::{self, HostFacts, Overrides, RecipeInput};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "mkimage",
+    version,
+    about = "Build, verify, customize and register cloud VM images for ConPaaS-style services",
+    long_about = "mkimage builds bootable Debian images from typed recipe stages (debootstrap, system, \
+kernel, cloud, bootloader, assemble), caches the bootstrapped base, writes images atomically with a \
+manifest and MD5/SHA-256 sums, verifies them, and boots them under QEMU to prove they work.\n\n\
+It also reads the original ConPaaS create-img-script.cfg.",
+    after_help = "Examples:\n  sudo mkimage build -o out/                      # default image for this host's Debian\n  \
+sudo mkimage build --cloud ec2 --hypervisor xen -o out/\n  \
+sudo mkimage build --config create-img-script.cfg -o out/\n  \
+mkimage plan --recipe fixtures/recipes/good/minimal.toml\n  \
+mkimage verify out/conpaas.img\n  \
+sudo mkimage boot-test out/conpaas.img"
+)]
+struct Cli {
+    /// More output on the terminal (-v debug, -vv trace). The build log always has everything.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build an image.
+    #[command(after_help = "Examples:\n  sudo mkimage build -o out/\n  \
+sudo mkimage build --cloud ec2 --hypervisor xen --size 3G -o out/\n  \
+sudo mkimage build --config create-img-script.cfg --services helloworld -o out/\n\n\
+The image is written as OUTPUT_DIR/FILENAME only when every stage succeeded, with \
+FILENAME.manifest.json, FILENAME.build.log, MD5SUMS and SHA256SUMS beside it. \
+On failure or Ctrl-C nothing is left mounted or attached and no file appears at the output path.")]
+    Build {
+        #[command(flatten)]
+        input: InputArgs,
+        /// Output directory.
+        #[arg(short = 'o', long = "output-dir", default_value = "out")]
+        output_dir: PathBuf,
+        /// Where the stage cache lives.
+        #[arg(long, env = "MKIMAGE_CACHE_DIR", default_value = "/var/cache/mkimage")]
+        cache_dir: PathBuf,
+        /// Where work directories of running builds live.
+        #[arg(long, env = "MKIMAGE_STATE_DIR", default_value = "/var/lib/mkimage")]
+        state_dir: PathBuf,
+        /// Print the plan and stop (same as `mkimage plan`).
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show the ordered stages, their inputs, cache keys and cache hits, without touching the host.
+    #[command(
+        after_help = "Examples:\n  mkimage plan\n  mkimage plan --config create-img-script.cfg\n  mkimage plan --recipe r.toml --cloud ec2"
+    )]
+    Plan {
+        #[command(flatten)]
+        input: InputArgs,
+        #[arg(long, env = "MKIMAGE_CACHE_DIR", default_value = "/var/cache/mkimage")]
+        cache_dir: PathBuf,
+        /// Print the recipe as JSON after resolving defaults and overrides.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check an image's MD5 and SHA-256 (one read) against its manifest, the sums files, or given digests.
+    #[command(
+        after_help = "Examples:\n  mkimage verify out/conpaas.img\n  mkimage verify conpaas.img --md5 0123abcd...\n  \
+mkimage verify conpaas.img --manifest conpaas.img.manifest.json\n\nExit code 1 on a mismatch."
+    )]
+    Verify {
+        image: PathBuf,
+        #[arg(long)]
+        md5: Option<String>,
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Manifest to check against (default: IMAGE.manifest.json, then MD5SUMS/SHA256SUMS).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Boot an image under QEMU (snapshot mode: the image is not modified) and wait until it is ready.
+    #[command(
+        name = "boot-test",
+        after_help = "Examples:\n  sudo mkimage boot-test out/conpaas.img\n  \
+mkimage boot-test out/conpaas.img --accel tcg --timeout 120 --forward 18080:8080\n\n\
+KVM is used when it can boot a guest on this host; otherwise (no vmx/svm, or a nested \
+software hypervisor) TCG is used and the reason is printed."
+    )]
+    BootTest {
+        image: PathBuf,
+        /// Image format (raw, qcow2, vdi, vmdk); default from the file extension.
+        #[arg(long)]
+        format: Option<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        accel: mkimage::boot::Accel,
+        /// Seconds to wait for readiness.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        #[arg(long, default_value_t = 1024)]
+        memory: u32,
+        /// Text on the serial console that means "ready".
+        #[arg(long, default_value = mkimage::stage::system::READY_MARKER)]
+        ready_marker: String,
+        /// Forward 127.0.0.1:HOST to the guest's GUEST port (repeatable), e.g. 18443:443.
+        #[arg(long, value_parser = parse_forward)]
+        forward: Vec<(u16, u16)>,
+        /// Serial console log (default: IMAGE.serial.log).
+        #[arg(long)]
+        serial_log: Option<PathBuf>,
+    },
+    /// Print the JSON Schema of the TOML recipe format.
+    Schema,
+}
+
+#[derive(Args, Clone)]
+struct InputArgs {
+    /// A TOML recipe.
+    #[arg(long, conflicts_with = "config")]
+    recipe: Option<PathBuf>,
+    /// The original ConPaaS create-img-script.cfg.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Target cloud: ec2, openstack, opennebula, vbox.
+    #[arg(long)]
+    cloud: Option<String>,
+    /// Hypervisor: kvm or xen (ec2 forces xen).
+    #[arg(long)]
+    hypervisor: Option<String>,
+    /// Image size: MiB, or with a unit (3072M, 2G).
+    #[arg(long)]
+    size: Option<String>,
+    /// Debian release (default: the host's).
+    #[arg(long)]
+    dist: Option<String>,
+    /// Debian mirror URL (default: the one the host's apt uses).
+    #[arg(long)]
+    mirror: Option<String>,
+    /// Output file name (e.g. conpaas.img).
+    #[arg(long)]
+    output: Option<String>,
+    /// Comma-separated services (e.g. helloworld,mysql).
+    #[arg(long, value_delimiter = ',')]
+    services: Option<Vec<String>>,
+    /// Layout: disk, container or nutshell.
+    #[arg(long)]
+    layout: Option<String>,
+    /// Output formats, comma-separated: raw, qcow2, vdi, vmdk, tar.
+    #[arg(long, value_delimiter = ',')]
+    format: Option<Vec<String>>,
+    /// Prune and shrink the image (true/false).
+    #[arg(long)]
+    optimize: Option<bool>,
+}
+
+fn parse_forward(s: &str) -> Result<(u16, u16), String> {
+    let (h, g) = s
+        .split_once(':')
+        .ok_or("expected HOST:GUEST, e.g. 18443:443")?;
+    Ok((
+        h.parse().map_err(|_| format!("bad host port `{h}`"))?,
+        g.parse().map_err(|_| format!("bad guest port `{g}`"))?,
+    ))
+}
+
+impl InputArgs {
+    fn load(&self) -> Result<recipe::Recipe, recipe::RecipeError> {
+        let input = match (&self.recipe, &self.config) {
+            (Some(r), _) => RecipeInput::Toml(r.clone()),
+            (None, Some(c)) => RecipeInput::Legacy(c.clone()),
+            (None, None) => RecipeInput::Defaults,
+        };
+        let overrides = Overrides {
+            cloud: self.cloud.clone(),
+            hypervisor: self.hypervisor.clone(),
+            size: self.size.clone(),
+            dist: self.dist.clone(),
+            output: self.output.clone(),
+            services: self.services.clone(),
+            layout: self.layout.clone(),
+            formats: self.format.clone(),
+            mirror: self.mirror.clone(),
+            optimize: self.optimize,
+        };
+        recipe::load(&input, &overrides, &HostFacts::detect())
+    }
+}
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_BAD_INPUT: u8 = 2;
+const EXIT_INTERRUPTED: u8 = 130;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    mkimage::logging::init(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+type Failure = (u8, String);
+
+fn bad_input(e: impl std::fmt::Display) -> Failure {
+    (EXIT_BAD_INPUT, e.to_string())
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Schema => {
+            println!("{}", recipe::json_schema());
+            Ok(())
+        }
+        Command::Plan {
+            input,
+            cache_dir,
+            json,
+        } => {
+            let r = input.load().map_err(bad_input)?;
+            let cache = mkimage::cache::Cache::new(&cache_dir);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                return Ok(());
+            }
+            let planned = mkimage::plan::plan(&r, &cache);
+            print!("{}", mkimage::plan::render(&r, &planned, &cache));
+            if let Some(msg) = recipe::preflight_dist_message(&r) {
+                println!("\nnote: {msg}");
+            }
+            Ok(())
+        }
+        Command::Build {
+            input,
+            output_dir,
+            cache_dir,
+            state_dir,
+            dry_run,
+        } => {
+            let r = input.load().map_err(bad_input)?;
+            let cache = mkimage::cache::Cache::new(&cache_dir);
+            if dry_run {
+                let planned = mkimage::plan::plan(&r, &cache);
+                print!("{}", mkimage::plan::render(&r, &planned, &cache));
+                return Ok(());
+            }
+            let opts = mkimage::build::BuildOptions {
+                output_dir,
+                state_dir,
+                cache_dir,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            match mkimage::build::build(&r, &opts) {
+                Ok(rep) => {
+                    println!("{}", rep.image.display());
+                    eprintln!(
+                        "built in {:.1} s: {} ({} MiB apparent, {} MiB allocated); manifest {}",
+                        rep.seconds,
+                        rep.image.display(),
+                        rep.size >> 20,
+                        rep.allocated >> 20,
+                        rep.manifest.display()
+                    );
+                    Ok(())
+                }
+                Err(e @ mkimage::build::BuildError::Interrupted { .. }) => {
+                    Err((EXIT_INTERRUPTED, e.to_string()))
+                }
+                Err(e) => Err((EXIT_FAILED, e.to_string())),
+            }
+        }
+        Command::Verify {
+            image,
+            md5,
+            sha256,
+            manifest,
+        } => {
+            use mkimage::verify::{Expected, VerifyError};
+            let expected = if md5.is_some() || sha256.is_some() {
+                for (k, v) in [("--md5", &md5), ("--sha256", &sha256)] {
+                    if let Some(v) = v {
+                        let len = if k == "--md5" { 32 } else { 64 };
+                        if v.len() != len || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                            return Err(bad_input(format!(
+                                "{k} takes {len} hex digits, got `{v}`"
+                            )));
+                        }
+                    }
+                }
+                Expected {
+                    md5,
+                    sha256,
+                    source: "command line".into(),
+                }
+            } else if let Some(m) = manifest {
+                Expected::from_manifest(&m, &image).map_err(bad_input)?
+            } else {
+                Expected::beside(&image)
+            };
+            let size = std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
+            let bar = byte_bar(size, "verifying");
+            let res = mkimage::verify::verify(&image, &expected, |n| bar.set_position(n));
+            bar.finish_and_clear();
+            match res {
+                Ok(d) => {
+                    println!(
+                        "{}: OK (md5 {}, sha256 {}, checked against {})",
+                        image.display(),
+                        d.md5,
+                        d.sha256,
+                        expected.source
+                    );
+                    Ok(())
+                }
+                Err(e @ VerifyError::Mismatch { .. }) => Err((EXIT_FAILED, e.to_string())),
+                Err(e) => Err(bad_input(e)),
+            }
+        }
+        Command::BootTest {
+            image,
+            format,
+            accel,
+            timeout,
+            memory,
+            ready_marker,
+            forward,
+            serial_log,
+        } => {
+            if !image.exists() {
+                return Err(bad_input(format!("{}: no such image", image.display())));
+            }
+            let log = serial_log.unwrap_or_else(|| {
+                let mut s = image.as_os_str().to_owned();
+                s.push(".serial.log");
+                PathBuf::from(s)
+            });
+            let mut o = mkimage::boot::BootOptions::new(&image, &log);
+            o.format = format.unwrap_or_else(|| format_from_extension(&image));
+            o.accel = accel;
+            o.timeout = Duration::from_secs(timeout);
+            o.memory_mib = memory;
+            o.ready = mkimage::boot::Readiness::SerialMarker(ready_marker);
+            o.forwards = forward;
+            eprintln!(
+                "booting {} under qemu (serial log {})",
+                image.display(),
+                log.display()
+            );
+            match mkimage::boot::boot_test(&o) {
+                Ok(r) => {
+                    println!(
+                        "ready after {:.1} s under {}{}",
+                        r.seconds_to_ready,
+                        r.accel.to_uppercase(),
+                        r.kvm_note
+                            .map(|n| format!(" (KVM not used: {n})"))
+                            .unwrap_or_default()
+                    );
+                    Ok(())
+                }
+                Err(mkimage::boot::BootError::Interrupted) => {
+                    Err((EXIT_INTERRUPTED, "interrupted; qemu was stopped".into()))
+                }
+                Err(e) => Err((EXIT_FAILED, e.to_string())),
+            }
+        }
+    }
+}
+
+fn format_from_extension(p: &std::path::Path) -> String {
+    match p.extension().and_then(|e| e.to_str()) {
+        Some("qcow2") => "qcow2",
+        Some("vdi") => "vdi",
+        Some("vmdk") => "vmdk",
+        _ => "raw",
+    }
+    .to_string()
+}
+
+fn byte_bar(total: u64, what: &str) -> indicatif::ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(total);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b.set_message(what.to_string());
+    b
+}

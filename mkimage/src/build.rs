@@ -1,0 +1,410 @@
+//! The build driver: runs the planned stages inside guards, then writes the
+//! output atomically with its manifest and checksums.
+
+use crate::cache::Cache;
+use crate::host::fsutil::{self, PendingFile};
+use crate::host::signals;
+use crate::manifest::{Artefact, Manifest, StageRecord};
+use crate::plan::{self, Planned};
+use crate::recipe::{Layout, Recipe};
+use crate::stage::Ctx;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub struct BuildOptions {
+    pub output_dir: PathBuf,
+    /// Holds work directories of running builds.
+    pub state_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    /// Show progress spinners (off when stderr is not a terminal or in tests).
+    pub progress: bool,
+}
+
+impl BuildOptions {
+    pub fn with_output(output_dir: &Path) -> BuildOptions {
+        BuildOptions {
+            output_dir: output_dir.to_owned(),
+            state_dir: default_state_dir(),
+            cache_dir: default_cache_dir(),
+            progress: false,
+        }
+    }
+}
+
+pub fn default_state_dir() -> PathBuf {
+    std::env::var_os("MKIMAGE_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/lib/mkimage".into())
+}
+
+pub fn default_cache_dir() -> PathBuf {
+    std::env::var_os("MKIMAGE_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/mkimage".into())
+}
+
+#[derive(Debug)]
+pub struct BuildReport {
+    pub image: PathBuf,
+    pub manifest: PathBuf,
+    pub log: PathBuf,
+    pub seconds: f64,
+    pub stages: Vec<StageRecord>,
+    pub size: u64,
+    pub allocated: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("preflight: {0}")]
+    Preflight(#[from] crate::preflight::PreflightError),
+    #[error("stage `{stage}` failed: {source:#}\n  full log: {}", log.display())]
+    Stage {
+        stage: String,
+        source: anyhow::Error,
+        log: PathBuf,
+    },
+    #[error("build interrupted by signal {signal}; everything it had mounted, attached or half-written was released\n  full log: {}", log.display())]
+    Interrupted { signal: i32, log: PathBuf },
+    #[error("{context}: {source:#}")]
+    Io {
+        context: String,
+        source: anyhow::Error,
+    },
+}
+
+impl BuildError {
+    fn io(context: impl Into<String>, source: impl Into<anyhow::Error>) -> BuildError {
+        BuildError::Io {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// The build's private work directory; removed (never through a mount) on drop.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if let Err(e) = fsutil::remove_tree(&self.0) {
+            tracing::error!(
+                "could not remove the work directory {}: {e}",
+                self.0.display()
+            );
+        }
+    }
+}
+
+pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildError> {
+    signals::install();
+    let started = Instant::now();
+    for w in &recipe.warnings {
+        tracing::warn!("{w}");
+    }
+    crate::preflight::check(recipe)?;
+    if recipe.layout == Layout::Nutshell {
+        return Err(crate::preflight::PreflightError(
+            "the nutshell layout is not built yet by this version; use layout disk or container"
+                .into(),
+        )
+        .into());
+    }
+    let cache = Cache::new(&opts.cache_dir);
+    let planned = plan::plan(recipe, &cache);
+    let build_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+
+    std::fs::create_dir_all(&opts.output_dir)
+        .map_err(|e| BuildError::io(format!("cannot create {}", opts.output_dir.display()), e))?;
+    let log_path = opts
+        .output_dir
+        .join(format!("{}.build.log", recipe.filename));
+    crate::logging::open_build_log(&log_path)
+        .map_err(|e| BuildError::io(format!("cannot write {}", log_path.display()), e))?;
+    tracing::info!(
+        "build {build_id}: {} ({} stages), log {}",
+        recipe.filename,
+        planned.len(),
+        log_path.display()
+    );
+
+    let work = opts.state_dir.join("work").join(&build_id);
+    std::fs::create_dir_all(&work)
+        .map_err(|e| BuildError::io(format!("cannot create {}", work.display()), e))?;
+    let work_guard = WorkDir(work.clone());
+
+    let image_path = opts.output_dir.join(&recipe.filename);
+    let pending = PendingFile::new(&image_path);
+    let mut ctx = Ctx {
+        recipe,
+        work: work.clone(),
+        rootfs: work.join("rootfs"),
+        fs_uuid: uuid::Uuid::new_v4().to_string(),
+        disk: Some(pending.path().to_owned()),
+        kernel_version: None,
+    };
+
+    let stages = run_stages(&planned, &mut ctx, &cache, opts, &log_path)?;
+
+    // Container layout: the root filesystem on the whole file, no partition table.
+    if recipe.layout == Layout::Container {
+        write_container_fs(&ctx, recipe.size_mib).map_err(|source| BuildError::Stage {
+            stage: "assemble".into(),
+            source,
+            log: log_path.clone(),
+        })?;
+    }
+    let packages = installed_packages(&ctx.rootfs);
+    let stage_err = |stage: &str, source: anyhow::Error| BuildError::Stage {
+        stage: stage.into(),
+        source,
+        log: log_path.clone(),
+    };
+    crate::stage::fail_point("output").map_err(|e| stage_err("output", e))?;
+    let digests = crate::verify::digest_file(pending.path(), |_| {}).map_err(|e| {
+        if signals::interrupted() {
+            BuildError::Interrupted {
+                signal: signals::signal().unwrap_or(2),
+                log: log_path.clone(),
+            }
+        } else {
+            stage_err("output", e.into())
+        }
+    })?;
+    let image = pending
+        .commit()
+        .map_err(|e| stage_err("output", e.into()))?;
+    let (size, allocated) = fsutil::sizes(&image).map_err(|e| stage_err("output", e.into()))?;
+    let name = recipe.filename.clone();
+    let manifest = Manifest {
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        build_id: build_id.clone(),
+        created: now_rfc3339(),
+        recipe_digest: recipe_digest(recipe),
+        recipe: serde_json::to_value(recipe).unwrap_or_default(),
+        stages: stages.clone(),
+        packages,
+        artefacts: vec![Artefact {
+            file: name.clone(),
+            format: if recipe.layout == Layout::Container {
+                "ext4".into()
+            } else {
+                "raw".into()
+            },
+            size,
+            allocated,
+            md5: digests.md5.clone(),
+            sha256: digests.sha256.clone(),
+        }],
+        registrations: vec![],
+    };
+    let manifest_path = Manifest::path_for(&image);
+    manifest
+        .store(&manifest_path)
+        .map_err(|e| stage_err("output", e))?;
+    crate::verify::update_sums_file(&opts.output_dir.join("MD5SUMS"), &name, &digests.md5)
+        .and_then(|_| {
+            crate::verify::update_sums_file(
+                &opts.output_dir.join("SHA256SUMS"),
+                &name,
+                &digests.sha256,
+            )
+        })
+        .map_err(|e| stage_err("output", e.into()))?;
+    drop(work_guard);
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        "built {} in {seconds:.1} s: {} MiB apparent, {} MiB allocated, md5 {}",
+        image.display(),
+        size / 1024 / 1024,
+        allocated / 1024 / 1024,
+        digests.md5
+    );
+    crate::logging::close_build_log();
+    Ok(BuildReport {
+        image,
+        manifest: manifest_path,
+        log: log_path,
+        seconds,
+        stages,
+        size,
+        allocated,
+    })
+}
+
+fn run_stages(
+    planned: &[Planned],
+    ctx: &mut Ctx,
+    cache: &Cache,
+    opts: &BuildOptions,
+    log_path: &Path,
+) -> Result<Vec<StageRecord>, BuildError> {
+    let fail = |stage: &str, source: anyhow::Error| {
+        if signals::interrupted() {
+            BuildError::Interrupted {
+                signal: signals::signal().unwrap_or(2),
+                log: log_path.to_owned(),
+            }
+        } else {
+            BuildError::Stage {
+                stage: stage.into(),
+                source,
+                log: log_path.to_owned(),
+            }
+        }
+    };
+    // Check every stage before running any.
+    for p in planned {
+        let ops = p.stage.ops();
+        ops.check(ctx).map_err(|e| fail(&ops.name(), e))?;
+    }
+    // A later cached stage makes the earlier ones unnecessary: start from the last hit.
+    let start = planned.iter().rposition(|p| p.cached).unwrap_or(0);
+    let mut records = Vec::new();
+    let n = planned.len();
+    for (i, p) in planned.iter().enumerate() {
+        let ops = p.stage.ops();
+        let name = ops.name();
+        if i < start {
+            records.push(StageRecord {
+                name,
+                key: p.key.clone(),
+                cached: true,
+                seconds: 0.0,
+            });
+            continue;
+        }
+        let bar = spinner(
+            opts.progress,
+            format!("[{}/{n}] {name}: {}", i + 1, ops.describe()),
+        );
+        let t = Instant::now();
+        signals::check().map_err(|e| fail(&name, e.into()))?;
+        let result = if p.cached {
+            tracing::info!("[{}/{n}] {name}: cache hit {}", i + 1, &p.key[..16]);
+            cache.restore(&name, &p.key, &ctx.rootfs)
+        } else {
+            tracing::info!("[{}/{n}] {name}: {}", i + 1, ops.describe());
+            let r = ops.run(ctx);
+            ops.cleanup(ctx);
+            r
+        };
+        if let Err(e) = result {
+            bar.abandon_with_message(format!("[{}/{n}] {name}: FAILED", i + 1));
+            return Err(fail(&name, e));
+        }
+        if ops.cacheable() && !p.cached {
+            if let Err(e) = cache.store(&name, &p.key, &ctx.rootfs) {
+                tracing::warn!("could not store stage {name} in the cache: {e:#}");
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        bar.finish_with_message(format!(
+            "[{}/{n}] {name}: done in {secs:.1} s{}",
+            i + 1,
+            if p.cached { " (cache hit)" } else { "" }
+        ));
+        records.push(StageRecord {
+            name,
+            key: p.key.clone(),
+            cached: p.cached,
+            seconds: secs,
+        });
+    }
+    Ok(records)
+}
+
+fn spinner(enabled: bool, msg: String) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb.set_message(msg);
+    pb
+}
+
+fn write_container_fs(ctx: &Ctx, size_mib: u64) -> anyhow::Result<()> {
+    let disk = ctx
+        .disk
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no output path"))?;
+    crate::stage::assemble::create_sparse(disk, size_mib * 1024 * 1024)?;
+    crate::host::Cmd::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "root", "-U", &ctx.fs_uuid, "-d"])
+        .arg(&ctx.rootfs)
+        .arg(disk)
+        .run()?;
+    Ok(())
+}
+
+/// `name=version` of every package dpkg knows as installed in the tree.
+pub fn installed_packages(root: &Path) -> Vec<String> {
+    let out = crate::host::Cmd::new("dpkg-query")
+        .arg(format!(
+            "--admindir={}",
+            root.join("var/lib/dpkg").display()
+        ))
+        .args(["-W", "-f", "${db:Status-Abbrev}\t${Package}=${Version}\n"])
+        .output()
+        .unwrap_or_default();
+    let mut v: Vec<String> = out
+        .lines()
+        .filter(|l| l.starts_with("ii"))
+        .filter_map(|l| l.split('\t').nth(1))
+        .map(str::to_owned)
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn recipe_digest(recipe: &Recipe) -> String {
+    use sha2::{Digest, Sha256};
+    let mut value = serde_json::to_value(recipe).unwrap_or_default();
+    // Where the recipe was read from does not change what it builds.
+    if let Some(o) = value.as_object_mut() {
+        o.remove("source");
+    }
+    hex::encode(Sha256::digest(value.to_string().as_bytes()))
+}
+
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // Civil date from Unix time (Howard Hinnant's days-from-civil inverse).
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_shape() {
+        let s = super::now_rfc3339();
+        assert_eq!(s.len(), 20);
+        assert!(s.starts_with("20"));
+        assert!(s.ends_with('Z'));
+    }
+}

@@ -1,0 +1,88 @@
+//! Loop devices held by guards.
+//!
+//! Partition scanning creates no `/dev/loopNpM` nodes on some hosts (no udev, or a
+//! kernel that does not scan), so a partition is always attached as its own loop
+//! device with an offset and a size limit.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot attach {file} as a loop device (offset {offset}, size {size:?}): {source}")]
+pub struct LoopError {
+    file: PathBuf,
+    offset: u64,
+    size: Option<u64>,
+    source: std::io::Error,
+}
+
+/// An attached loop device; detached when dropped. Autoclear is set too, so the
+/// kernel frees it as soon as the last user closes it even if we are killed.
+pub struct LoopDevice {
+    device: loopdev::LoopDevice,
+    path: PathBuf,
+    attached: bool,
+}
+
+impl LoopDevice {
+    /// Attaches `file` from `offset` for `size` bytes (the rest of the file when `None`).
+    pub fn attach(
+        file: &Path,
+        offset: u64,
+        size: Option<u64>,
+        read_only: bool,
+    ) -> Result<LoopDevice, LoopError> {
+        let err = |source| LoopError {
+            file: file.to_owned(),
+            offset,
+            size,
+            source,
+        };
+        let control = loopdev::LoopControl::open().map_err(err)?;
+        let device = control.next_free().map_err(err)?;
+        let mut attach = device
+            .with()
+            .offset(offset)
+            .autoclear(true)
+            .read_only(read_only);
+        if let Some(s) = size {
+            attach = attach.size_limit(s);
+        }
+        attach.attach(file).map_err(err)?;
+        let path = device
+            .path()
+            .ok_or_else(|| err(std::io::Error::other("loop device has no path")))?;
+        tracing::debug!(
+            "attached {} at offset {offset} as {}",
+            file.display(),
+            path.display()
+        );
+        Ok(LoopDevice {
+            device,
+            path,
+            attached: true,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Detaches now, reporting failure.
+    pub fn detach(mut self) -> std::io::Result<()> {
+        self.attached = false;
+        self.device.detach()
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        if self.attached {
+            if let Err(e) = self.device.detach() {
+                // With autoclear set the kernel still frees it when the last opener closes.
+                tracing::warn!("could not detach {}: {e}", self.path.display());
+            } else {
+                tracing::debug!("detached {}", self.path.display());
+            }
+        }
+    }
+}

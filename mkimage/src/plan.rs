@@ -1,0 +1,199 @@
+//! The planner: the ONE place that decides which stages a recipe needs and in
+//! which order, and what each stage's cache key is.
+
+use crate::cache::{chain_key, Cache};
+use crate::recipe::{Layout, Recipe};
+use crate::stage::{self, Stage};
+
+/// A stage with its place in the chain of cache keys.
+pub struct Planned {
+    pub stage: Stage,
+    pub key: String,
+    /// True when the cache holds this stage's result (only for cacheable stages).
+    pub cached: bool,
+}
+
+/// Packages of the base tree: minbase plus what every image needs plus the recipe's.
+pub fn base_packages(recipe: &Recipe) -> Vec<String> {
+    let mut p: Vec<String> = stage::debootstrap::BASE_PACKAGES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    p.extend(recipe.packages.iter().cloned());
+    p.sort();
+    p.dedup();
+    p
+}
+
+/// The ordered stages for a recipe.
+pub fn stages(recipe: &Recipe) -> Vec<Stage> {
+    let mut s = vec![
+        Stage::Debootstrap(stage::debootstrap::Debootstrap {
+            dist: recipe.dist.clone(),
+            arch: recipe.arch.debian().to_string(),
+            mirror: recipe.mirror.clone(),
+            variant: "minbase".into(),
+            packages: base_packages(recipe),
+        }),
+        Stage::System(stage::system::System {
+            hostname: recipe.hostname.clone(),
+            locale: "en_US.UTF-8".into(),
+        }),
+    ];
+    let bootable = recipe.layout != Layout::Container;
+    if bootable {
+        s.push(Stage::Kernel(stage::kernel::Kernel {
+            package: recipe
+                .kernel
+                .clone()
+                .unwrap_or_else(|| crate::recipe::default_kernel_package(recipe)),
+        }));
+    }
+    s.push(Stage::Cloud(stage::cloud::Cloud {
+        cloud: recipe.cloud,
+    }));
+    s.push(Stage::Finalize(stage::finalize::Finalize));
+    if bootable {
+        s.push(Stage::Bootloader(stage::bootloader::Bootloader {
+            cloud: recipe.cloud,
+            hypervisor: recipe.hypervisor,
+            dist: recipe.dist.clone(),
+        }));
+        s.push(Stage::Assemble(stage::assemble::Assemble {
+            size_mib: recipe.size_mib,
+        }));
+    }
+    s
+}
+
+/// Stages with chained keys and cache state.
+pub fn plan(recipe: &Recipe, cache: &Cache) -> Vec<Planned> {
+    let mut parent: Option<String> = None;
+    stages(recipe)
+        .into_iter()
+        .map(|stage| {
+            let ops = stage.ops();
+            let key = chain_key(parent.as_deref(), &ops.name(), &ops.inputs());
+            let cached = ops.cacheable() && cache.contains(&ops.name(), &key);
+            parent = Some(key.clone());
+            Planned { stage, key, cached }
+        })
+        .collect()
+}
+
+/// Human-readable plan, as `mkimage plan` prints it.
+pub fn render(recipe: &Recipe, planned: &[Planned], cache: &Cache) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Plan for {} ({:?} layout, {} {}, cloud {:?}, hypervisor {:?}, {} MiB)\n",
+        recipe.filename,
+        recipe.layout,
+        recipe.dist,
+        recipe.arch.debian(),
+        recipe.cloud,
+        recipe.hypervisor,
+        recipe.size_mib
+    ));
+    if !recipe.services.is_empty() {
+        out.push_str(&format!("services: {}\n", recipe.services.join(", ")));
+    }
+    for w in &recipe.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
+    out.push_str(&format!("cache: {}\n\n", cache.dir().display()));
+    for (i, p) in planned.iter().enumerate() {
+        let ops = p.stage.ops();
+        let state = if !ops.cacheable() {
+            "run"
+        } else if p.cached {
+            "cache hit"
+        } else {
+            "cache miss"
+        };
+        out.push_str(&format!(
+            "{:>2}. {:<12} [{:<10}] key {}\n      {}\n      inputs {}\n",
+            i + 1,
+            ops.name(),
+            state,
+            &p.key[..16],
+            ops.describe(),
+            ops.inputs()
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recipe::*;
+
+    pub fn recipe() -> Recipe {
+        Recipe {
+            source: RecipeSource::Defaults,
+            dist: "bookworm".into(),
+            arch: Arch::Amd64,
+            mirror: "http://mirror.example/debian".into(),
+            cloud: Cloud::Openstack,
+            hypervisor: Hypervisor::Kvm,
+            layout: Layout::Disk,
+            size_mib: 2048,
+            optimize: false,
+            services: vec![],
+            hostname: "conpaas".into(),
+            packages: vec![],
+            kernel: None,
+            filename: "conpaas.img".into(),
+            formats: vec![OutputFormat::Raw],
+            nutshell: None,
+            warnings: vec![],
+        }
+    }
+
+    fn names(r: &Recipe) -> Vec<String> {
+        stages(r).iter().map(|s| s.ops().name()).collect()
+    }
+
+    #[test]
+    fn disk_layout_order() {
+        assert_eq!(
+            names(&recipe()),
+            [
+                "debootstrap",
+                "system",
+                "kernel",
+                "cloud",
+                "finalize",
+                "bootloader",
+                "assemble"
+            ]
+        );
+    }
+
+    #[test]
+    fn container_layout_has_no_kernel_or_bootloader() {
+        let mut r = recipe();
+        r.layout = Layout::Container;
+        assert_eq!(names(&r), ["debootstrap", "system", "cloud", "finalize"]);
+    }
+
+    #[test]
+    fn keys_chain_so_a_change_invalidates_only_later_stages() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::new(d.path());
+        let a = plan(&recipe(), &cache);
+        let mut r = recipe();
+        r.cloud = Cloud::Vbox;
+        let b = plan(&r, &cache);
+        // debootstrap, system and kernel do not depend on the cloud.
+        for i in 0..3 {
+            assert_eq!(a[i].key, b[i].key, "stage {i}");
+        }
+        for i in 3..a.len() {
+            assert_ne!(a[i].key, b[i].key, "stage {i}");
+        }
+        let mut r = recipe();
+        r.mirror = "http://other.example/debian".into();
+        assert_ne!(plan(&r, &cache)[0].key, a[0].key);
+    }
+}

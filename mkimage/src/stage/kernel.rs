@@ -1,0 +1,62 @@
+//! Stage `kernel`: installs the kernel and initramfs inside the image with apt.
+
+use super::{Ctx, StageOps, StageResult};
+use crate::host::ChrootSession;
+use serde_json::json;
+
+pub struct Kernel {
+    pub package: String,
+}
+
+/// The newest kernel version present in the image's /boot.
+pub fn installed_kernel_version(root: &std::path::Path) -> Option<String> {
+    let mut versions: Vec<String> = std::fs::read_dir(root.join("boot"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("vmlinuz-"))
+                .map(str::to_owned)
+        })
+        .collect();
+    versions.sort();
+    versions.pop()
+}
+
+impl StageOps for Kernel {
+    fn name(&self) -> String {
+        "kernel".into()
+    }
+
+    fn describe(&self) -> String {
+        format!("apt-get install {} initramfs-tools", self.package)
+    }
+
+    fn inputs(&self) -> serde_json::Value {
+        json!({ "package": self.package })
+    }
+
+    fn run(&self, ctx: &mut Ctx) -> StageResult {
+        let chroot = ChrootSession::enter(&ctx.rootfs)?;
+        super::fail_point("kernel")?;
+        chroot.cmd("apt-get").args(["-q", "update"]).run()?;
+        chroot.apt_install(&[self.package.clone(), "initramfs-tools".into()])?;
+        chroot.exit()?;
+        let version = installed_kernel_version(&ctx.rootfs).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no /boot/vmlinuz-* in the image after installing {}",
+                self.package
+            )
+        })?;
+        if !ctx
+            .root_path(&format!("boot/initrd.img-{version}"))
+            .exists()
+        {
+            anyhow::bail!("the kernel {version} was installed but no initrd was generated");
+        }
+        tracing::info!("kernel {version}");
+        ctx.kernel_version = Some(version);
+        Ok(())
+    }
+}

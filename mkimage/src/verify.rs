@@ -1,0 +1,248 @@
+//! Image integrity: one streaming read feeds MD5 (what the original published)
+//! and SHA-256; `MD5SUMS`/`SHA256SUMS` in coreutils format; checks against a
+//! manifest or given digests.
+
+use crate::manifest::Manifest;
+use md5::Md5;
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digests {
+    pub md5: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// Reads `path` once, computing both digests. `progress` gets the bytes read so far.
+pub fn digest_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Result<Digests> {
+    let mut f = std::fs::File::open(path)?;
+    let mut md5 = Md5::new();
+    let mut sha = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        // The two hashes are independent; feeding both from one buffer is the point.
+        md5.update(&buf[..n]);
+        sha.update(&buf[..n]);
+        total += n as u64;
+        progress(total);
+        if crate::host::signals::interrupted() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "interrupted",
+            ));
+        }
+    }
+    Ok(Digests {
+        md5: hex::encode(md5.finalize()),
+        sha256: hex::encode(sha.finalize()),
+        bytes: total,
+    })
+}
+
+/// Adds or replaces the line for `file` in a coreutils-format sums file (`HEX  NAME`).
+pub fn update_sums_file(sums: &Path, file: &str, hex_digest: &str) -> std::io::Result<()> {
+    let existing = std::fs::read_to_string(sums).unwrap_or_default();
+    let mut lines: Vec<String> = existing
+        .lines()
+        .filter(|l| parse_sums_line(l).map(|(_, n)| n != file).unwrap_or(true))
+        .map(str::to_owned)
+        .collect();
+    lines.push(format!("{hex_digest}  {file}"));
+    let tmp = sums.with_extension("tmp");
+    std::fs::write(&tmp, lines.join("\n") + "\n")?;
+    std::fs::rename(tmp, sums)
+}
+
+/// Parses `HEX  NAME` or `HEX *NAME` (binary mode marker).
+pub fn parse_sums_line(line: &str) -> Option<(&str, &str)> {
+    let (hex, rest) = line.split_once(' ')?;
+    let name = rest.strip_prefix(' ').or_else(|| rest.strip_prefix('*'))?;
+    if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((hex, name))
+}
+
+/// Looks `file` up in a sums file.
+pub fn lookup_sums(sums: &Path, file: &str) -> Option<String> {
+    let text = std::fs::read_to_string(sums).ok()?;
+    text.lines()
+        .filter_map(parse_sums_line)
+        .find(|(_, n)| *n == file)
+        .map(|(h, _)| h.to_ascii_lowercase())
+}
+
+/// What an image is expected to hash to, and where that expectation came from.
+#[derive(Debug, Default, Clone)]
+pub struct Expected {
+    pub md5: Option<String>,
+    pub sha256: Option<String>,
+    pub source: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no expected digest for {0}: give --md5/--sha256, or keep the manifest or MD5SUMS/SHA256SUMS beside it")]
+    NoExpectation(PathBuf),
+    #[error("{kind} mismatch for {path}: expected {expected} ({source_}), got {actual}")]
+    Mismatch {
+        path: PathBuf,
+        kind: &'static str,
+        expected: String,
+        actual: String,
+        source_: String,
+    },
+}
+
+impl Expected {
+    /// Finds expectations beside the image: its manifest first, then MD5SUMS/SHA256SUMS.
+    pub fn beside(image: &Path) -> Expected {
+        let name = image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let manifest = Manifest::path_for(image);
+        if let Ok(m) = Manifest::load(&manifest) {
+            if let Some(a) = m.artefact(&name) {
+                return Expected {
+                    md5: Some(a.md5.clone()),
+                    sha256: Some(a.sha256.clone()),
+                    source: manifest.display().to_string(),
+                };
+            }
+        }
+        let dir = image.parent().unwrap_or(Path::new("."));
+        Expected {
+            md5: lookup_sums(&dir.join("MD5SUMS"), &name),
+            sha256: lookup_sums(&dir.join("SHA256SUMS"), &name),
+            source: format!("{}/{{MD5,SHA256}}SUMS", dir.display()),
+        }
+    }
+
+    pub fn from_manifest(manifest: &Path, image: &Path) -> anyhow::Result<Expected> {
+        let m = Manifest::load(manifest)?;
+        let name = image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let a = m.artefact(&name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "manifest {} has no artefact named {name}",
+                manifest.display()
+            )
+        })?;
+        Ok(Expected {
+            md5: Some(a.md5.clone()),
+            sha256: Some(a.sha256.clone()),
+            source: manifest.display().to_string(),
+        })
+    }
+}
+
+/// Hashes `image` once and compares with every expected digest.
+pub fn verify(
+    image: &Path,
+    expected: &Expected,
+    progress: impl FnMut(u64),
+) -> Result<Digests, VerifyError> {
+    if expected.md5.is_none() && expected.sha256.is_none() {
+        return Err(VerifyError::NoExpectation(image.to_owned()));
+    }
+    let got = digest_file(image, progress).map_err(|source| VerifyError::Io {
+        path: image.to_owned(),
+        source,
+    })?;
+    let checks = [
+        ("MD5", &expected.md5, &got.md5),
+        ("SHA-256", &expected.sha256, &got.sha256),
+    ];
+    for (kind, want, have) in checks {
+        if let Some(want) = want {
+            if !want.eq_ignore_ascii_case(have) {
+                return Err(VerifyError::Mismatch {
+                    path: image.to_owned(),
+                    kind,
+                    expected: want.to_ascii_lowercase(),
+                    actual: have.clone(),
+                    source_: expected.source.clone(),
+                });
+            }
+        }
+    }
+    Ok(got)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_match_known_values() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("x");
+        std::fs::write(&f, b"abc").unwrap();
+        let g = digest_file(&f, |_| {}).unwrap();
+        assert_eq!(g.md5, "900150983cd24fb0d6963f7d28e17f72");
+        assert_eq!(
+            g.sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(g.bytes, 3);
+    }
+
+    #[test]
+    fn sums_file_update_replaces_only_that_entry() {
+        let d = tempfile::tempdir().unwrap();
+        let s = d.path().join("MD5SUMS");
+        update_sums_file(&s, "a.img", "aa").unwrap();
+        update_sums_file(&s, "b.img", "bb").unwrap();
+        update_sums_file(&s, "a.img", "cc").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&s).unwrap(),
+            "bb  b.img\ncc  a.img\n"
+        );
+        assert_eq!(lookup_sums(&s, "a.img").as_deref(), Some("cc"));
+        assert_eq!(parse_sums_line("ab *x y"), Some(("ab", "x y")));
+    }
+
+    #[test]
+    fn flipped_byte_is_a_mismatch() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("img");
+        std::fs::write(&f, vec![7u8; 4096]).unwrap();
+        let good = digest_file(&f, |_| {}).unwrap();
+        let exp = Expected {
+            md5: Some(good.md5.clone()),
+            sha256: Some(good.sha256.clone()),
+            source: "t".into(),
+        };
+        assert!(verify(&f, &exp, |_| {}).is_ok());
+        let mut b = std::fs::read(&f).unwrap();
+        b[100] ^= 1;
+        std::fs::write(&f, b).unwrap();
+        assert!(matches!(
+            verify(&f, &exp, |_| {}),
+            Err(VerifyError::Mismatch { kind: "MD5", .. })
+        ));
+        let only_sha = Expected { md5: None, ..exp };
+        assert!(matches!(
+            verify(&f, &only_sha, |_| {}),
+            Err(VerifyError::Mismatch {
+                kind: "SHA-256",
+                ..
+            })
+        ));
+    }
+}
