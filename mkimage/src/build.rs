@@ -283,7 +283,9 @@ fn run_stages(
         signals::check().map_err(|e| fail(&name, e.into()))?;
         let result = if p.cached {
             tracing::info!("[{}/{n}] {name}: cache hit {}", i + 1, &p.key[..16]);
-            cache.restore(&name, &p.key, &ctx.rootfs)
+            cache
+                .restore(&name, &p.key, &ctx.rootfs)
+                .and_then(|_| crate::stage::fail_point(&name))
         } else {
             tracing::info!("[{}/{n}] {name}: {}", i + 1, ops.describe());
             let r = ops.run(ctx);

@@ -1,0 +1,210 @@
+//! End-to-end: real mmdebstrap/apt against the host's mirror, real GRUB, real
+//! qemu. Run as root (CI does).
+
+use e2e::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const STAGES: [&str; 7] = ["debootstrap", "system", "kernel", "cloud", "finalize", "bootloader", "assemble"];
+
+fn minimal(sb: &Sandbox, name: &str) -> Command {
+    let mut c = sb.build();
+    c.arg("--recipe")
+        .arg(fixture("recipes/good/minimal.toml"))
+        .args(["--size", "1536M", "--output", name]);
+    c
+}
+
+fn debugfs_cat(image: &Path, file: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {file}"))
+        .arg(format!("{}?offset=1048576", image.display()))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn no_qemu_for(image: &Path) -> bool {
+    let out = Command::new("pgrep").args(["-a", "-f", "qemu-system"]).output().unwrap();
+    !String::from_utf8_lossy(&out.stdout).contains(&*image.to_string_lossy())
+}
+
+#[test]
+fn minimal_image_builds_is_cached_verifies_and_boots() {
+    let _g = heavy();
+    let sb = Sandbox::new();
+    let out = run(&mut minimal(&sb, "minimal.img"));
+    assert!(out.status.success(), "build failed");
+    let img = sb.out().join("minimal.img");
+    assert_eq!(
+        files_in(&sb.out()),
+        ["MD5SUMS", "SHA256SUMS", "minimal.img", "minimal.img.build.log", "minimal.img.manifest.json"]
+    );
+    assert_clean(sb.path());
+    assert_eq!(files_in(&sb.state().join("work")), Vec::<String>::new(), "work dir not removed");
+
+    // Size as asked, sparse on disk.
+    let meta = std::fs::metadata(&img).unwrap();
+    assert_eq!(meta.len(), 1536 << 20);
+    use std::os::unix::fs::MetadataExt;
+    assert!(meta.blocks() * 512 < meta.len() / 2, "image is not sparse");
+
+    // The manifest agrees with an independent md5sum and with the sums files.
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sb.out().join("minimal.img.manifest.json")).unwrap()).unwrap();
+    let names: Vec<&str> = m["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, STAGES);
+    let md5 = m["artefacts"][0]["md5"].as_str().unwrap().to_owned();
+    let coreutils = Command::new("md5sum").arg(&img).output().unwrap();
+    assert!(String::from_utf8_lossy(&coreutils.stdout).starts_with(&md5));
+    assert!(std::fs::read_to_string(sb.out().join("MD5SUMS")).unwrap().contains(&format!("{md5}  minimal.img")));
+    let pkgs: Vec<&str> = m["packages"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    assert!(pkgs.iter().any(|p| p.starts_with("linux-image-")), "no kernel in package list");
+    assert!(pkgs.iter().any(|p| p.starts_with("systemd-sysv=")));
+
+    // Disk layout: MBR signature, one bootable partition at 1 MiB, root fs by UUID.
+    let bytes = std::fs::read(&img).map(|b| b[..512].to_vec()).unwrap();
+    assert_eq!(&bytes[510..], &[0x55, 0xAA]);
+    let sf = Command::new("sfdisk").arg("--json").arg(&img).output().unwrap();
+    let sf: serde_json::Value = serde_json::from_slice(&sf.stdout).unwrap();
+    let part = &sf["partitiontable"]["partitions"][0];
+    assert_eq!(part["start"], 2048);
+    assert_eq!(part["bootable"], true);
+    let blkid = Command::new("blkid")
+        .args(["-p", "-s", "UUID", "-o", "value", "-O", "1048576"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let uuid = String::from_utf8_lossy(&blkid.stdout).trim().to_owned();
+    assert_eq!(uuid.len(), 36, "no filesystem UUID found");
+    assert!(debugfs_cat(&img, "/etc/fstab").contains(&format!("UUID={uuid} / ext4")));
+    assert!(debugfs_cat(&img, "/boot/grub/grub.cfg").contains(&format!("root=UUID={uuid}")));
+    assert_eq!(debugfs_cat(&img, "/etc/machine-id"), "");
+
+    // The second plan shows the cached base.
+    let plan = run(mkimage().arg("plan").arg("--recipe").arg(fixture("recipes/good/minimal.toml")));
+    let plan_text = String::from_utf8_lossy(&plan.stdout);
+    let deb_line = plan_text.lines().find(|l| l.contains("debootstrap")).unwrap();
+    assert!(deb_line.contains("cache hit"), "{deb_line}");
+
+    // It boots to the readiness marker (under KVM where possible, else TCG).
+    let t = Instant::now();
+    let boot = run(mkimage().arg("boot-test").arg(&img).args(["--timeout", "240"]));
+    assert!(boot.status.success(), "boot-test failed");
+    let said = String::from_utf8_lossy(&boot.stdout);
+    assert!(said.contains("ready after"), "{said}");
+    eprintln!("boot-test took {:.1} s in all", t.elapsed().as_secs_f64());
+    assert!(no_qemu_for(&img), "qemu still running");
+    let serial = std::fs::read_to_string(sb.out().join("minimal.img.serial.log")).unwrap();
+    assert!(serial.contains("mkimage-ready"));
+
+    // The boot ran in snapshot mode, so the image still verifies...
+    let v = run(mkimage().arg("verify").arg(&img));
+    assert!(v.status.success());
+    // ...and one flipped byte fails with exit code 1; flipping it back passes again.
+    flip_byte(&img, 5 << 20);
+    let v = run(mkimage().arg("verify").arg(&img));
+    assert_eq!(v.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&v.stderr).contains("mismatch"));
+    flip_byte(&img, 5 << 20);
+    assert!(run(mkimage().arg("verify").arg(&img)).status.success());
+    let v = run(mkimage().arg("verify").arg(&img).args(["--md5", &"0".repeat(32)]));
+    assert_eq!(v.status.code(), Some(1));
+}
+
+fn flip_byte(path: &Path, offset: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    b[0] ^= 0xff;
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(&b).unwrap();
+}
+
+/// After a failed build: exit code 1, the stage named, nothing mounted or attached,
+/// no image (whole or partial) in the output dir, the work dir removed.
+fn assert_failed_cleanly(sb: &Sandbox, out: &std::process::Output, stage: &str) {
+    assert_eq!(out.status.code(), Some(1), "expected exit code 1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("stage `{stage}` failed")), "stage not named: {err}");
+    assert!(err.contains("full log:"), "log path not named");
+    assert_clean(sb.path());
+    let left: Vec<String> = files_in(&sb.out()).into_iter().filter(|f| !f.ends_with(".build.log")).collect();
+    assert_eq!(left, Vec::<String>::new(), "files left in the output dir");
+    assert_eq!(files_in(&sb.state().join("work")), Vec::<String>::new(), "work dir left");
+}
+
+#[test]
+fn injected_failure_in_every_stage_leaves_nothing_behind() {
+    let _g = heavy();
+    for stage in STAGES.iter().chain(["output"].iter()) {
+        let sb = Sandbox::new();
+        let out = run(minimal(&sb, "fail.img").env("MKIMAGE_TEST_FAIL_STAGE", stage));
+        assert_failed_cleanly(&sb, &out, stage);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("injected failure"));
+    }
+}
+
+#[test]
+fn a_package_that_does_not_exist_fails_in_debootstrap_cleanly() {
+    let _g = heavy();
+    let sb = Sandbox::new();
+    let mut c = sb.build();
+    c.arg("--recipe").arg(fixture("recipes/fail/no-such-package.toml"));
+    let out = run(&mut c);
+    assert_failed_cleanly(&sb, &out, "debootstrap");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mkimage-no-such-package"));
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM while apt runs inside the chroot.
+#[test]
+fn a_signal_in_the_middle_of_the_kernel_stage_releases_everything() {
+    let _g = heavy();
+    for sig in [nix_signal::SIGINT, nix_signal::SIGTERM] {
+        let sb = Sandbox::new();
+        let mut child = minimal(&sb, "sig.img")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until the chroot's bind mounts exist: we are inside a stage that holds them.
+        let t = Instant::now();
+        let log = sb.out().join("sig.img.build.log");
+        loop {
+            let in_kernel = std::fs::read_to_string(&log).map(|l| l.contains("[3/7] kernel")).unwrap_or(false);
+            if in_kernel && !mounts_under(sb.path()).is_empty() {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(300), "never reached the kernel stage");
+            assert!(child.try_wait().unwrap().is_none(), "build ended early");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        unsafe_kill(child.id(), sig);
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        use std::io::Read;
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        eprintln!("{err}");
+        assert_eq!(status.code(), Some(130), "signal {sig}: {err}");
+        assert!(err.contains("interrupted"));
+        assert_clean(sb.path());
+        let left: Vec<String> = files_in(&sb.out()).into_iter().filter(|f| !f.ends_with(".build.log")).collect();
+        assert_eq!(left, Vec::<String>::new());
+        assert_eq!(files_in(&sb.state().join("work")), Vec::<String>::new());
+    }
+}
+
+mod nix_signal {
+    pub const SIGINT: i32 = 2;
+    pub const SIGTERM: i32 = 15;
+}
+
+fn unsafe_kill(pid: u32, sig: i32) {
+    let st = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    assert!(st.success());
+}
