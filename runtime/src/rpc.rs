@@ -227,7 +227,8 @@ impl Dispatcher {
         let Some(sid) = call.service_id.as_ref() else {
             return envelope_error(StatusCode::BAD_REQUEST, "Did not specify service", id);
         };
-        let svc = match service_id_of(sid).and_then(|s| self.services.get(&s)) {
+        let sid = service_id_of(sid);
+        let svc = match sid.and_then(|s| self.services.get(&s)) {
             Some(m) if m.has_verb(call.verb) => m,
             _ => return envelope_error(StatusCode::NOT_FOUND, "Service not found", id),
         };
@@ -251,6 +252,7 @@ impl Dispatcher {
             Ok(Ok(result)) => axum::Json(json!({"result": result, "error": null, "id": id})).into_response(),
             Ok(Err(e)) => axum::Json(json!({"error": e.0, "id": id})).into_response(),
             Err(join) => {
+                let sid = sid.unwrap_or_default();
                 tracing::error!("method {name} on service {sid} failed: {join}");
                 axum::Json(json!({
                     "error": format!("Error when calling method {name} on service {sid}: internal error"),
