@@ -62,6 +62,8 @@ struct Inner {
 
 pub struct Manager {
     pub service_type: String,
+    /// Nodes created by `startup` (`get_starting_nodes`; default 1).
+    pub starting_nodes: std::sync::atomic::AtomicUsize,
     pub log_file: PathBuf,
     controller: Arc<Controller>,
     inner: Mutex<Inner>,
@@ -77,6 +79,7 @@ impl Manager {
     pub fn new(service_type: &str, log_file: PathBuf, controller: Arc<Controller>) -> Arc<Self> {
         let m = Manager {
             service_type: service_type.to_string(),
+            starting_nodes: std::sync::atomic::AtomicUsize::new(1),
             log_file,
             controller,
             inner: Mutex::new(Inner { state: State::INIT, log: Vec::new(), nodes: Vec::new() }),
@@ -197,7 +200,8 @@ impl Manager {
         let me = self.clone();
         tokio::spawn(async move {
             let _op = me.ops.lock().await;
-            let (nodes, problem) = me.grow(1, &cloud).await;
+            let start = me.starting_nodes.load(std::sync::atomic::Ordering::SeqCst);
+            let (nodes, problem) = me.grow(start, &cloud).await;
             let n = nodes.len();
             me.inner.lock().expect("state lock").nodes.extend(nodes);
             match problem {
@@ -394,6 +398,7 @@ pub struct ManagerConfig {
     pub token_ttl: Duration,
     pub cps_bin: Option<PathBuf>,
     pub local_dead_nodes: u32,
+    pub starting_nodes: usize,
     pub replacements: BTreeMap<String, String>,
 }
 
@@ -439,6 +444,7 @@ impl ManagerConfig {
             token_ttl: secs(ini.parse_or(S, "TOKEN_TTL", 900.0)?)?,
             cps_bin: opt("CPS_BIN").map(PathBuf::from),
             local_dead_nodes: ini.parse_or(S, "LOCAL_DEAD_NODES", 0)?,
+            starting_nodes: ini.parse_or(S, "STARTING_NODES", 1)?,
             replacements,
         })
     }
@@ -517,6 +523,7 @@ pub async fn start(cfg: &ManagerConfig) -> Result<Running> {
         max_retries: cfg.max_retries,
     });
     let manager = Manager::new(&cfg.service_type, cfg.log_file.clone(), controller);
+    manager.starting_nodes.store(cfg.starting_nodes, std::sync::atomic::Ordering::SeqCst);
     let mut d = crate::rpc::Dispatcher::new();
     d.add_service(0, manager.clone());
     let tls = pki::server_config(&certs, PeerRule::manager_server(cfg.user_id, cfg.app_id))?;
