@@ -8,11 +8,13 @@
 pub mod boot;
 pub mod build;
 pub mod cache;
+pub mod disk;
 pub mod host;
 pub mod logging;
 pub mod manifest;
 pub mod plan;
 pub mod preflight;
+pub mod preinstall;
 pub mod recipe;
 pub mod stage;
 pub mod verify;
