@@ -41,14 +41,19 @@ impl AgentConfig {
         let opt = |k: &str| ini.get(SECTION, k).filter(|v| !v.is_empty());
         Ok(AgentConfig {
             service_type: ini.require(SECTION, "TYPE")?,
-            user_id: ini.require(SECTION, "USER_ID")?.parse().context("USER_ID")?,
+            user_id: ini
+                .require(SECTION, "USER_ID")?
+                .parse()
+                .context("USER_ID")?,
             app_id: ini.require(SECTION, "APP_ID")?.parse().context("APP_ID")?,
             service_id: ini.parse_or(SECTION, "SERVICE_ID", 0)?,
             node_id: ini.get_or(SECTION, "NODE_ID", "agent"),
             bind: ini.get_or(SECTION, "BIND", "0.0.0.0"),
             port: ini.parse_or(SECTION, "PORT", 5555)?,
             log_file: ini.require(SECTION, "LOG_FILE")?.into(),
-            cert_dir: opt("CERT_DIR").unwrap_or_else(|| format!("{}/certs", ini.get_or(SECTION, "ETC", ""))).into(),
+            cert_dir: opt("CERT_DIR")
+                .unwrap_or_else(|| format!("{}/certs", ini.get_or(SECTION, "ETC", "")))
+                .into(),
             enroll_url: opt("ENROLL_URL"),
             enroll_token: opt("ENROLL_TOKEN"),
             string_to_generate: ini.get_or(SECTION, "STRING_TO_GENERATE", "helloworld"),
@@ -63,8 +68,16 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Arc<Self> {
-        tracing::info!("'{}' agent started (uid {}, sid {})", cfg.service_type, cfg.user_id, cfg.service_id);
-        Arc::new(Agent { cfg, started: AtomicBool::new(false) })
+        tracing::info!(
+            "'{}' agent started (uid {}, sid {})",
+            cfg.service_type,
+            cfg.user_id,
+            cfg.service_id
+        );
+        Arc::new(Agent {
+            cfg,
+            started: AtomicBool::new(false),
+        })
     }
 
     async fn check_process(&self, p: Params) -> RpcResult {
@@ -112,7 +125,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let paths = CertPaths::in_dir(&cfg.cert_dir);
     if !(paths.cert.exists() && paths.key.exists()) {
         if let (Some(url), Some(token)) = (&cfg.enroll_url, &cfg.enroll_token) {
-            let ca = std::fs::read(&paths.ca).with_context(|| format!("reading {}", paths.ca.display()))?;
+            let ca = std::fs::read(&paths.ca)
+                .with_context(|| format!("reading {}", paths.ca.display()))?;
             let id = crate::enrol::enroll(url, token, &cfg.node_id, &ca, &cfg.cert_dir).await?;
             tracing::info!("enrolled as {}", id.urn());
         }

@@ -28,7 +28,9 @@ impl Args {
     /// A mandatory parameter.
     pub fn req<T>(&mut self, name: &str, v: Validator<T>) -> Result<T, RpcError> {
         match self.rest.remove(name) {
-            None => Err(RpcError(format!("Missing the mandatory parameter '{name}'."))),
+            None => Err(RpcError(format!(
+                "Missing the mandatory parameter '{name}'."
+            ))),
             Some(val) => v(&val).map_err(|r| RpcError(format!("Parameter '{name}': {r}."))),
         }
     }
@@ -46,7 +48,10 @@ impl Args {
         if self.rest.is_empty() {
             Ok(())
         } else {
-            Err(RpcError(format!("Unexpected parameters: {}.", Value::Object(self.rest))))
+            Err(RpcError(format!(
+                "Unexpected parameters: {}.",
+                Value::Object(self.rest)
+            )))
         }
     }
 }
@@ -54,7 +59,10 @@ impl Args {
 pub fn is_int(v: &Value) -> Result<i64, String> {
     match v {
         Value::Number(n) => n.as_i64().ok_or_else(|| format!("{n} is not an integer")),
-        Value::String(s) => s.trim().parse().map_err(|_| format!("'{s}' is not an integer")),
+        Value::String(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{s}' is not an integer")),
         other => Err(format!("{other} is not an integer")),
     }
 }
@@ -119,7 +127,10 @@ pub fn is_list(v: &Value) -> Result<Vec<Value>, String> {
 
 /// An uploaded file: `{"filename", "content"}`.
 pub fn is_uploaded_file(v: &Value) -> Result<(String, String), String> {
-    match (v.get("filename").and_then(Value::as_str), v.get("content").and_then(Value::as_str)) {
+    match (
+        v.get("filename").and_then(Value::as_str),
+        v.get("content").and_then(Value::as_str),
+    ) {
         (Some(f), Some(c)) => Ok((f.to_string(), c.to_string())),
         _ => Err("is not an uploaded file".to_string()),
     }
@@ -137,15 +148,30 @@ mod tests {
     #[test]
     fn messages_match_the_original() {
         let mut a = Args::new(p(json!({})));
-        assert_eq!(a.req("count", is_int).unwrap_err().0, "Missing the mandatory parameter 'count'.");
+        assert_eq!(
+            a.req("count", is_int).unwrap_err().0,
+            "Missing the mandatory parameter 'count'."
+        );
         let mut a = Args::new(p(json!({"count": "x"})));
-        assert_eq!(a.req("count", is_int).unwrap_err().0, "Parameter 'count': 'x' is not an integer.");
+        assert_eq!(
+            a.req("count", is_int).unwrap_err().0,
+            "Parameter 'count': 'x' is not an integer."
+        );
         let mut a = Args::new(p(json!({"count": -1})));
-        assert_eq!(a.req("count", is_pos_int).unwrap_err().0, "Parameter 'count': -1 is not a positive integer.");
+        assert_eq!(
+            a.req("count", is_pos_int).unwrap_err().0,
+            "Parameter 'count': -1 is not a positive integer."
+        );
         let mut a = Args::new(p(json!({"count": "3", "zz": 1})));
         assert_eq!(a.req("count", is_pos_int).unwrap(), 3);
-        assert_eq!(a.opt("cloud", is_string, "default".into()).unwrap(), "default");
-        assert_eq!(a.finish().unwrap_err().0, "Unexpected parameters: {\"zz\":1}.");
+        assert_eq!(
+            a.opt("cloud", is_string, "default".into()).unwrap(),
+            "default"
+        );
+        assert_eq!(
+            a.finish().unwrap_err().0,
+            "Unexpected parameters: {\"zz\":1}."
+        );
     }
 
     #[test]

@@ -19,7 +19,10 @@ use crate::pki::SERVER_NAME;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("TLS handshake with {addr} failed: {msg}")]
     Tls { addr: String, msg: String },
     #[error("HTTP error talking to {addr}: {msg}")]
@@ -44,8 +47,9 @@ pub struct RawResponse {
 
 impl RawResponse {
     pub fn json(&self) -> Result<Value, ClientError> {
-        serde_json::from_slice(&self.body)
-            .map_err(|e| ClientError::Protocol(format!("{e}: {}", String::from_utf8_lossy(&self.body))))
+        serde_json::from_slice(&self.body).map_err(|e| {
+            ClientError::Protocol(format!("{e}: {}", String::from_utf8_lossy(&self.body)))
+        })
     }
 }
 
@@ -65,7 +69,11 @@ pub struct Connection {
 impl RpcClient {
     /// `addr` is `host:port`.
     pub fn new(tls: Arc<rustls::ClientConfig>, addr: impl Into<String>) -> Self {
-        RpcClient { tls, addr: addr.into(), timeout: Duration::from_secs(60) }
+        RpcClient {
+            tls,
+            addr: addr.into(),
+            timeout: Duration::from_secs(60),
+        }
     }
 
     pub fn addr(&self) -> &str {
@@ -78,16 +86,28 @@ impl RpcClient {
         let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr))
             .await
             .map_err(|_| ClientError::Timeout(addr.clone()))?
-            .map_err(|source| ClientError::Connect { addr: addr.clone(), source })?;
+            .map_err(|source| ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(SERVER_NAME).expect("valid name");
-        let tls = tokio::time::timeout(Duration::from_secs(10), TlsConnector::from(self.tls.clone()).connect(name, tcp))
-            .await
-            .map_err(|_| ClientError::Timeout(addr.clone()))?
-            .map_err(|e| ClientError::Tls { addr: addr.clone(), msg: e.to_string() })?;
+        let tls = tokio::time::timeout(
+            Duration::from_secs(10),
+            TlsConnector::from(self.tls.clone()).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout(addr.clone()))?
+        .map_err(|e| ClientError::Tls {
+            addr: addr.clone(),
+            msg: e.to_string(),
+        })?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
-            .map_err(|e| ClientError::Http { addr: addr.clone(), msg: e.to_string() })?;
+            .map_err(|e| ClientError::Http {
+                addr: addr.clone(),
+                msg: e.to_string(),
+            })?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -114,17 +134,34 @@ impl RpcClient {
     }
 
     /// GET `/?service_id=…&method=…&id=1[&params=<json>]`.
-    pub async fn get(&self, service_id: u64, method: &str, params: &Value) -> Result<Value, ClientError> {
+    pub async fn get(
+        &self,
+        service_id: u64,
+        method: &str,
+        params: &Value,
+    ) -> Result<Value, ClientError> {
         let r = self
-            .raw("GET", &get_query(service_id, method, params), &[("content-type", "application/json")], Bytes::new())
+            .raw(
+                "GET",
+                &get_query(service_id, method, params),
+                &[("content-type", "application/json")],
+                Bytes::new(),
+            )
             .await?;
         check_response(r)
     }
 
     /// POST with a JSON envelope.
-    pub async fn post(&self, service_id: u64, method: &str, params: &Value) -> Result<Value, ClientError> {
+    pub async fn post(
+        &self,
+        service_id: u64,
+        method: &str,
+        params: &Value,
+    ) -> Result<Value, ClientError> {
         let body = post_body(service_id, method, params);
-        let r = self.raw("POST", "/", &[("content-type", "application/json")], body).await?;
+        let r = self
+            .raw("POST", "/", &[("content-type", "application/json")], body)
+            .await?;
         check_response(r)
     }
 }
@@ -141,8 +178,15 @@ pub fn get_query(service_id: u64, method: &str, params: &Value) -> String {
 }
 
 pub fn post_body(service_id: u64, method: &str, params: &Value) -> Bytes {
-    let params = if params.is_null() { json!({}) } else { params.clone() };
-    Bytes::from(json!({"service_id": service_id, "method": method, "params": params, "id": "1"}).to_string())
+    let params = if params.is_null() {
+        json!({})
+    } else {
+        params.clone()
+    };
+    Bytes::from(
+        json!({"service_id": service_id, "method": method, "params": params, "id": "1"})
+            .to_string(),
+    )
 }
 
 /// Non-200 → error; `error` set → error; else `result`.
@@ -150,10 +194,17 @@ pub fn check_response(r: RawResponse) -> Result<Value, ClientError> {
     let v = r.json();
     if r.status != StatusCode::OK {
         let body = match &v {
-            Ok(v) => v.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| v.to_string()),
+            Ok(v) => v
+                .get("error")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string()),
             Err(_) => String::from_utf8_lossy(&r.body).into_owned(),
         };
-        return Err(ClientError::Status { status: r.status.as_u16(), body });
+        return Err(ClientError::Status {
+            status: r.status.as_u16(),
+            body,
+        });
     }
     let v = v?;
     match v.get("error") {
@@ -174,22 +225,29 @@ impl Connection {
         headers: &[(&str, &str)],
         body: Bytes,
     ) -> Result<RawResponse, ClientError> {
-        let mut b = Request::builder().method(method).uri(path_and_query).header("host", SERVER_NAME);
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header("host", SERVER_NAME);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        let req = b
-            .body(Full::new(body))
-            .map_err(|e| ClientError::Http { addr: self.addr.clone(), msg: e.to_string() })?;
-        self.sender
-            .ready()
-            .await
-            .map_err(|e| ClientError::Http { addr: self.addr.clone(), msg: e.to_string() })?;
+        let req = b.body(Full::new(body)).map_err(|e| ClientError::Http {
+            addr: self.addr.clone(),
+            msg: e.to_string(),
+        })?;
+        self.sender.ready().await.map_err(|e| ClientError::Http {
+            addr: self.addr.clone(),
+            msg: e.to_string(),
+        })?;
         let resp = self
             .sender
             .send_request(req)
             .await
-            .map_err(|e| ClientError::Http { addr: self.addr.clone(), msg: e.to_string() })?;
+            .map_err(|e| ClientError::Http {
+                addr: self.addr.clone(),
+                msg: e.to_string(),
+            })?;
         let status = resp.status();
         let content_type = resp
             .headers()
@@ -200,14 +258,33 @@ impl Connection {
             .into_body()
             .collect()
             .await
-            .map_err(|e| ClientError::Http { addr: self.addr.clone(), msg: e.to_string() })?
+            .map_err(|e| ClientError::Http {
+                addr: self.addr.clone(),
+                msg: e.to_string(),
+            })?
             .to_bytes();
-        Ok(RawResponse { status, content_type, body })
+        Ok(RawResponse {
+            status,
+            content_type,
+            body,
+        })
     }
 
-    pub async fn get(&mut self, service_id: u64, method: &str, params: &Value) -> Result<Value, ClientError> {
+    pub async fn get(
+        &mut self,
+        service_id: u64,
+        method: &str,
+        params: &Value,
+    ) -> Result<Value, ClientError> {
         let q = get_query(service_id, method, params);
-        let r = self.raw("GET", &q, &[("content-type", "application/json")], Bytes::new()).await?;
+        let r = self
+            .raw(
+                "GET",
+                &q,
+                &[("content-type", "application/json")],
+                Bytes::new(),
+            )
+            .await?;
         check_response(r)
     }
 }

@@ -72,7 +72,8 @@ fn free_port() -> Result<u16> {
 
 impl LocalCloud {
     pub fn new(name: &str, bin: PathBuf, work_dir: PathBuf, dead_nodes: u32) -> Result<Self> {
-        std::fs::create_dir_all(&work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
+        std::fs::create_dir_all(&work_dir)
+            .with_context(|| format!("creating {}", work_dir.display()))?;
         Ok(LocalCloud {
             name: name.to_string(),
             bin,
@@ -122,11 +123,18 @@ impl Cloud for LocalCloud {
         req.vars.port = port;
         let paths = NodePaths::under(&dir, req.vars.role);
         paths.create_dirs()?;
-        pki::write_file(&PathBuf::from(&paths.cert_dir).join(pki::CA_CERT_FILE), &req.vars.ca_cert_pem, 0o644)?;
+        pki::write_file(
+            &PathBuf::from(&paths.cert_dir).join(pki::CA_CERT_FILE),
+            &req.vars.ca_cert_pem,
+            0o644,
+        )?;
         let cfg_path = dir.join("config.cfg");
         std::fs::write(&cfg_path, req.config.render_config(&req.vars, &paths)?)?;
         // The VM user-data this node would get, kept for inspection.
-        std::fs::write(dir.join("context.sh"), req.config.render_script(&req.vars, "local")?)?;
+        std::fs::write(
+            dir.join("context.sh"),
+            req.config.render_script(&req.vars, "local")?,
+        )?;
         let dead = self.take_dead();
         let mut cmd = tokio::process::Command::new(&self.bin);
         if dead {
@@ -141,10 +149,13 @@ impl Cloud for LocalCloud {
         // Die with the manager, whatever way it ends.
         unsafe {
             cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
             });
         }
-        let child = cmd.spawn().with_context(|| format!("starting {}", self.bin.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
         let pid = child.id().unwrap_or(0);
         std::fs::write(dir.join("pid"), pid.to_string())?;
         let node = ServiceNode {
@@ -157,13 +168,24 @@ impl Cloud for LocalCloud {
             role: req.role,
             port,
         };
-        tracing::info!("local cloud: started node {} (pid {pid}, port {port}{})", node.id, if dead { ", dead" } else { "" });
-        self.children.lock().expect("children lock").insert(vmid, (node.clone(), child));
+        tracing::info!(
+            "local cloud: started node {} (pid {pid}, port {port}{})",
+            node.id,
+            if dead { ", dead" } else { "" }
+        );
+        self.children
+            .lock()
+            .expect("children lock")
+            .insert(vmid, (node.clone(), child));
         Ok(node)
     }
 
     async fn delete_node(&self, node: &ServiceNode) -> Result<()> {
-        let entry = self.children.lock().expect("children lock").remove(&node.vmid);
+        let entry = self
+            .children
+            .lock()
+            .expect("children lock")
+            .remove(&node.vmid);
         let Some((_, mut child)) = entry else {
             bail!("no such node {}", node.id);
         };

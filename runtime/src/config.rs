@@ -25,7 +25,11 @@ impl Ini {
             }
             if line.starts_with([' ', '\t']) {
                 if let (Some(s), Some(k)) = (&current, &last_key) {
-                    let v = ini.sections.get_mut(s).and_then(|m| m.get_mut(k)).expect("key exists");
+                    let v = ini
+                        .sections
+                        .get_mut(s)
+                        .and_then(|m| m.get_mut(k))
+                        .expect("key exists");
                     v.push('\n');
                     v.push_str(trimmed);
                     continue;
@@ -53,14 +57,18 @@ impl Ini {
                 bail!("line {}: empty key", n + 1);
             }
             let value = trimmed[pos + 1..].trim().to_string();
-            ini.sections.get_mut(section).expect("section exists").insert(key.clone(), value);
+            ini.sections
+                .get_mut(section)
+                .expect("section exists")
+                .insert(key.clone(), value);
             last_key = Some(key);
         }
         Ok(ini)
     }
 
     pub fn load(path: &Path) -> Result<Ini> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Ini::parse(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
@@ -77,7 +85,9 @@ impl Ini {
         let mut v = self.raw(section, key)?.clone();
         for _ in 0..10 {
             let Some(start) = v.find("%(") else { break };
-            let Some(end) = v[start..].find(")s") else { break };
+            let Some(end) = v[start..].find(")s") else {
+                break;
+            };
             let name = &v[start + 2..start + end];
             let rep = self.raw(section, name).cloned().unwrap_or_default();
             v.replace_range(start..start + end + 2, &rep);
@@ -86,7 +96,8 @@ impl Ini {
     }
 
     pub fn get_or(&self, section: &str, key: &str, default: &str) -> String {
-        self.get(section, key).unwrap_or_else(|| default.to_string())
+        self.get(section, key)
+            .unwrap_or_else(|| default.to_string())
     }
 
     /// A non-empty value or the original's error message.
@@ -104,7 +115,9 @@ impl Ini {
         match self.get(section, key) {
             None => Ok(default),
             Some(v) if v.is_empty() => Ok(default),
-            Some(v) => v.parse().map_err(|e| anyhow::anyhow!("[{section}] {key} = '{v}': {e}")),
+            Some(v) => v
+                .parse()
+                .map_err(|e| anyhow::anyhow!("[{section}] {key} = '{v}': {e}")),
         }
     }
 
@@ -134,7 +147,11 @@ mod tests {
         assert_eq!(ini.get("agent", "CODE_REPO").unwrap(), "/var/cache/x/code");
         assert_eq!(ini.get("agent", "MULTI").unwrap(), "a\nb");
         assert_eq!(ini.get("agent", "dir").unwrap(), "/r/etc");
-        assert!(ini.require("agent", "LOG_FILE").unwrap_err().to_string().contains("Missing configuration variable LOG_FILE"));
+        assert!(ini
+            .require("agent", "LOG_FILE")
+            .unwrap_err()
+            .to_string()
+            .contains("Missing configuration variable LOG_FILE"));
         assert_eq!(ini.parse_or("agent", "PORT", 5555u16).unwrap(), 5555);
     }
 

@@ -81,7 +81,14 @@ impl NodePaths {
     }
 
     pub fn create_dirs(&self) -> Result<()> {
-        for p in [&self.etc, &self.cert_dir, &self.var_tmp, &self.var_cache, &self.var_run, &self.conpaas_home] {
+        for p in [
+            &self.etc,
+            &self.cert_dir,
+            &self.var_tmp,
+            &self.var_cache,
+            &self.var_run,
+            &self.conpaas_home,
+        ] {
             std::fs::create_dir_all(p).with_context(|| format!("creating {p}"))?;
         }
         Ok(())
@@ -177,7 +184,11 @@ impl ConfigTree {
             Some(t) => out.push_str(&render(&t, &cloud_name, &ctx)?),
             None => bail!("no cloud script for cloud type '{cloud}' ({cloud_name})"),
         }
-        out.push_str(&render(&self.read("templates/setup.sh")?, "setup.sh", &ctx)?);
+        out.push_str(&render(
+            &self.read("templates/setup.sh")?,
+            "setup.sh",
+            &ctx,
+        )?);
         let config = self.render_config(vars, &paths)?;
         if config.lines().any(|l| l.trim() == "EOF") {
             bail!("config contains a line 'EOF'");
@@ -195,7 +206,10 @@ impl ConfigTree {
                 out.push('\n');
             }
         }
-        let start = match self.read_opt(&format!("templates/{}-{}-start.sh", vars.service_type, vars.role))? {
+        let start = match self.read_opt(&format!(
+            "templates/{}-{}-start.sh",
+            vars.service_type, vars.role
+        ))? {
             Some(s) => s,
             None => self.read("templates/start.sh")?,
         };
@@ -230,13 +244,18 @@ mod tests {
     #[test]
     fn agent_config_is_default_plus_annex() {
         let tree = ConfigTree::locate().unwrap();
-        let cfg = tree.render_config(&vars(), &NodePaths::boot_time()).unwrap();
+        let cfg = tree
+            .render_config(&vars(), &NodePaths::boot_time())
+            .unwrap();
         let ini = crate::config::Ini::parse(&cfg).unwrap();
         assert_eq!(ini.get("agent", "TYPE").unwrap(), "helloworld");
         assert_eq!(ini.get("agent", "USER_ID").unwrap(), "3");
         assert_eq!(ini.get("agent", "LOG_FILE").unwrap(), "$LOG_FILE");
         assert_eq!(ini.get("agent", "MY_IP").unwrap(), "$IP_PUBLIC");
-        assert_eq!(ini.get("agent", "STRING_TO_GENERATE").unwrap(), "hello there");
+        assert_eq!(
+            ini.get("agent", "STRING_TO_GENERATE").unwrap(),
+            "hello there"
+        );
         let mut v = vars();
         v.replacements.clear();
         let cfg = tree.render_config(&v, &NodePaths::boot_time()).unwrap();
@@ -247,7 +266,10 @@ mod tests {
     fn script_parts_come_in_the_original_order() {
         let tree = ConfigTree::locate().unwrap();
         let s = tree.render_script(&vars(), "ec2").unwrap();
-        let pos = |needle: &str| s.find(needle).unwrap_or_else(|| panic!("missing {needle} in\n{s}"));
+        let pos = |needle: &str| {
+            s.find(needle)
+                .unwrap_or_else(|| panic!("missing {needle} in\n{s}"))
+        };
         let cloud = pos("169.254.169.254");
         let setup = pos("mkdir -p $ETC");
         let config = pos("cat <<EOF > $ROOT_DIR/config.cfg");
@@ -259,7 +281,16 @@ mod tests {
         assert!(s.contains("-----BEGIN CERTIFICATE-----\nABC"));
         assert!(tree.render_script(&vars(), "nosuchcloud").is_err());
         // the script is valid shell
-        let out = std::process::Command::new("bash").arg("-n").arg("-c").arg(&s).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new("bash")
+            .arg("-n")
+            .arg("-c")
+            .arg(&s)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -46,7 +46,11 @@ impl Controller {
         v.role = Role::Agent;
         v.token = self.enroller.mint(
             name,
-            Identity { role: Role::Agent, uid: self.base_vars.user_id, app: self.base_vars.app_id },
+            Identity {
+                role: Role::Agent,
+                uid: self.base_vars.user_id,
+                app: self.base_vars.app_id,
+            },
         );
         v
     }
@@ -54,7 +58,9 @@ impl Controller {
     /// Is the node's agent answering `check_process`?
     pub async fn check(&self, node: &ServiceNode) -> bool {
         let mut c = self.agent_client(node);
-        c.timeout = self.poll.clamp(Duration::from_millis(500), Duration::from_secs(10));
+        c.timeout = self
+            .poll
+            .clamp(Duration::from_millis(500), Duration::from_secs(10));
         match c.get(0, "check_process", &json!({})).await {
             Ok(_) => true,
             Err(e) => {
@@ -96,7 +102,11 @@ impl Controller {
                     self.base_vars.service_type,
                     crate::pki::random_hex(4)
                 );
-                let req = NodeRequest { vars: self.node_vars(&name), role: role.to_string(), config: self.config.clone() };
+                let req = NodeRequest {
+                    vars: self.node_vars(&name),
+                    role: role.to_string(),
+                    config: self.config.clone(),
+                };
                 match self.cloud.create_node(req).await {
                     Ok(n) => pending.push(n),
                     Err(e) => {
@@ -160,5 +170,7 @@ pub async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>)
         }
     })
     .await;
-    outs.into_iter().map(|o| o.expect("every future completed")).collect()
+    outs.into_iter()
+        .map(|o| o.expect("every future completed"))
+        .collect()
 }

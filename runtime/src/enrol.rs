@@ -56,7 +56,12 @@ pub struct EnrolAnswer {
 
 impl Enroller {
     pub fn new(ca: Ca, ttl: Duration, validity_days: i64) -> Self {
-        Enroller { ca, ttl, validity_days, tokens: Mutex::new(HashMap::new()) }
+        Enroller {
+            ca,
+            ttl,
+            validity_days,
+            tokens: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn ca_cert_pem(&self) -> &str {
@@ -71,14 +76,21 @@ impl Enroller {
         t.retain(|_, p| p.expires > now);
         t.insert(
             token.clone(),
-            Pending { node_id: node_id.to_string(), identity, expires: now + self.ttl },
+            Pending {
+                node_id: node_id.to_string(),
+                identity,
+                expires: now + self.ttl,
+            },
         );
         token
     }
 
     /// Forgets the tokens of a node (node deleted before it enrolled).
     pub fn revoke_node(&self, node_id: &str) {
-        self.tokens.lock().expect("token lock").retain(|_, p| p.node_id != node_id);
+        self.tokens
+            .lock()
+            .expect("token lock")
+            .retain(|_, p| p.node_id != node_id);
     }
 
     /// Redeems a token and signs the CSR. The token is consumed whatever happens next.
@@ -101,7 +113,10 @@ impl Enroller {
             &pending.node_id,
             Validity::days(self.validity_days),
         )?;
-        Ok(EnrolAnswer { cert, ca_cert: self.ca.cert_pem.clone() })
+        Ok(EnrolAnswer {
+            cert,
+            ca_cert: self.ca.cert_pem.clone(),
+        })
     }
 
     pub fn router(self: Arc<Self>) -> axum::Router {
@@ -113,7 +128,10 @@ impl Enroller {
                     let req: EnrolRequest = match serde_json::from_slice(&body) {
                         Ok(r) => r,
                         Err(e) => {
-                            return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": format!("bad request: {e}")})))
+                            return (
+                                StatusCode::BAD_REQUEST,
+                                axum::Json(json!({"error": format!("bad request: {e}")})),
+                            )
                                 .into_response()
                         }
                     };
@@ -124,7 +142,11 @@ impl Enroller {
                         }
                         Err(e) => {
                             tracing::warn!("enrolment of node {} refused: {e:#}", req.node_id);
-                            (StatusCode::FORBIDDEN, axum::Json(json!({"error": format!("{e:#}")}))).into_response()
+                            (
+                                StatusCode::FORBIDDEN,
+                                axum::Json(json!({"error": format!("{e:#}")})),
+                            )
+                                .into_response()
                         }
                     }
                 }
@@ -135,12 +157,20 @@ impl Enroller {
 
 /// Node side: generate a key and CSR, redeem `token` at `url`, write `cert.pem`, `key.pem`,
 /// `ca_cert.pem` into `cert_dir`. `ca_pem` authenticates the manager.
-pub async fn enroll(url: &str, token: &str, node_id: &str, ca_pem: &[u8], cert_dir: &Path) -> Result<Identity> {
+pub async fn enroll(
+    url: &str,
+    token: &str,
+    node_id: &str,
+    ca_pem: &[u8],
+    cert_dir: &Path,
+) -> Result<Identity> {
     let u = url::Url::parse(url).with_context(|| format!("bad enrolment URL '{url}'"))?;
     if u.scheme() != "https" {
         bail!("enrolment URL must be https");
     }
-    let host = u.host_str().ok_or_else(|| anyhow!("enrolment URL without host"))?;
+    let host = u
+        .host_str()
+        .ok_or_else(|| anyhow!("enrolment URL without host"))?;
     let port = u.port_or_known_default().unwrap_or(443);
     let tls = pki::anonymous_client_config(ca_pem, None)?;
     let client = RpcClient::new(tls, format!("{host}:{port}"));
@@ -151,7 +181,12 @@ pub async fn enroll(url: &str, token: &str, node_id: &str, ca_pem: &[u8], cert_d
         csr: csr_pem,
     })?;
     let r = client
-        .raw("POST", u.path(), &[("content-type", "application/json")], body)
+        .raw(
+            "POST",
+            u.path(),
+            &[("content-type", "application/json")],
+            body,
+        )
         .await
         .map_err(|e| anyhow!("{e}"))?;
     let v = r.json().map_err(|e| anyhow!("{e}"))?;
@@ -180,22 +215,46 @@ mod tests {
     fn tokens_are_single_use_bound_and_expire() {
         let ca = Ca::generate("t", 1).unwrap();
         let e = Enroller::new(ca, Duration::from_secs(60), 1);
-        let id = Identity { role: Role::Agent, uid: 1, app: 2 };
+        let id = Identity {
+            role: Role::Agent,
+            uid: 1,
+            app: 2,
+        };
         let (_, csr) = pki::generate_key_and_csr("n1").unwrap();
         let t = e.mint("n1", id.clone());
-        let wrong = EnrolRequest { token: t.clone(), node_id: "n2".into(), csr: csr.clone() };
-        assert!(e.redeem(&wrong).unwrap_err().to_string().contains("not issued"));
+        let wrong = EnrolRequest {
+            token: t.clone(),
+            node_id: "n2".into(),
+            csr: csr.clone(),
+        };
+        assert!(e
+            .redeem(&wrong)
+            .unwrap_err()
+            .to_string()
+            .contains("not issued"));
         // consumed by the failed attempt
-        let ok = EnrolRequest { token: t, node_id: "n1".into(), csr: csr.clone() };
+        let ok = EnrolRequest {
+            token: t,
+            node_id: "n1".into(),
+            csr: csr.clone(),
+        };
         assert!(e.redeem(&ok).unwrap_err().to_string().contains("unknown"));
         let t = e.mint("n1", id.clone());
-        let ok = EnrolRequest { token: t, node_id: "n1".into(), csr: csr.clone() };
+        let ok = EnrolRequest {
+            token: t,
+            node_id: "n1".into(),
+            csr: csr.clone(),
+        };
         assert!(e.redeem(&ok).is_ok());
         assert!(e.redeem(&ok).is_err(), "second use refused");
         let e = Enroller::new(Ca::generate("t", 1).unwrap(), Duration::from_millis(1), 1);
         let t = e.mint("n1", id);
         std::thread::sleep(Duration::from_millis(5));
-        let r = EnrolRequest { token: t, node_id: "n1".into(), csr };
+        let r = EnrolRequest {
+            token: t,
+            node_id: "n1".into(),
+            csr,
+        };
         assert!(e.redeem(&r).is_err());
     }
 }

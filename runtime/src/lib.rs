@@ -2,8 +2,8 @@
 
 pub mod agent;
 pub mod args;
-pub mod cloud;
 pub mod client;
+pub mod cloud;
 pub mod config;
 pub mod context;
 pub mod controller;
@@ -16,13 +16,18 @@ pub mod rpc;
 pub fn init_logging(file: Option<&std::path::Path>) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
     match file {
         Some(f) => {
             if let Some(d) = f.parent() {
                 std::fs::create_dir_all(d)?;
             }
-            let file = std::fs::OpenOptions::new().create(true).append(true).open(f)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(f)?;
             let _ = b.with_writer(std::sync::Mutex::new(file)).try_init();
         }
         None => {

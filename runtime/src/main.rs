@@ -13,7 +13,11 @@ use runtime::context::{ConfigTree, NodePaths, NodeVars};
 use runtime::pki::{self, Ca, CertPaths, Identity, PeerRule, Role, Validity};
 
 #[derive(Parser)]
-#[command(name = "cps", version, about = "ConPaaS runtime: manager, agent and client over mutual TLS")]
+#[command(
+    name = "cps",
+    version,
+    about = "ConPaaS runtime: manager, agent and client over mutual TLS"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -232,7 +236,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = runtime::agent::AgentConfig::from_ini(&ini)?;
             runtime::init_logging(Some(&cfg.log_file))?;
             // Lean: one thread.
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(runtime::agent::run(cfg))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -246,11 +252,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let cfg = runtime::manager::ManagerConfig::from_ini(&ini)?;
             runtime::init_logging(Some(&cfg.log_file))?;
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             rt.block_on(async {
                 let running = runtime::manager::start(&cfg).await?;
-                println!("cps manager listening on {} (enrolment on {})", running.rpc_addr, running.enroll_addr);
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                println!(
+                    "cps manager listening on {} (enrolment on {})",
+                    running.rpc_addr, running.enroll_addr
+                );
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
@@ -265,7 +278,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::DeadNode { port } => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(runtime::agent::dead_node(port))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -278,7 +293,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("CA created in {}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Ca(CaCmd::Issue { dir, role, uid, app, out, cn, days }) => {
+        Cmd::Ca(CaCmd::Issue {
+            dir,
+            role,
+            uid,
+            app,
+            out,
+            cn,
+            days,
+        }) => {
             let ca = Ca::load(&dir)?;
             let id = Identity { role, uid, app };
             let cn = cn.unwrap_or_else(|| format!("{role}-u{uid}-a{app}"));
@@ -291,11 +314,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("issued {} into {}", id.urn(), out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Enroll { url, token, node_id, cert_dir, ca } => {
+        Cmd::Enroll {
+            url,
+            token,
+            node_id,
+            cert_dir,
+            ca,
+        } => {
             let ca = ca.unwrap_or_else(|| cert_dir.join(pki::CA_CERT_FILE));
             let ca_pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let id = rt.block_on(runtime::enrol::enroll(&url, &token, &node_id, &ca_pem, &cert_dir))?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let id = rt.block_on(runtime::enrol::enroll(
+                &url, &token, &node_id, &ca_pem, &cert_dir,
+            ))?;
             println!("enrolled as {}", id.urn());
             Ok(ExitCode::SUCCESS)
         }
@@ -324,7 +357,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let mut replacements = std::collections::BTreeMap::new();
             for kv in set {
-                let (k, v) = kv.split_once('=').ok_or_else(|| anyhow!("--set expects KEY=VALUE, got '{kv}'"))?;
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--set expects KEY=VALUE, got '{kv}'"))?;
                 replacements.insert(k.to_string(), v.to_string());
             }
             let vars = NodeVars {
@@ -343,7 +378,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 port,
                 replacements,
                 startup_script: match startup_script {
-                    Some(p) => Some(std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?),
+                    Some(p) => Some(
+                        std::fs::read_to_string(&p)
+                            .with_context(|| format!("reading {}", p.display()))?,
+                    ),
                     None => None,
                 },
             };
@@ -362,7 +400,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn client_paths(o: &ClientOpts) -> Result<CertPaths> {
     let mut p = match &o.cert_dir {
         Some(d) => CertPaths::in_dir(d),
-        None => CertPaths { cert: PathBuf::new(), key: PathBuf::new(), ca: PathBuf::new() },
+        None => CertPaths {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            ca: PathBuf::new(),
+        },
     };
     if let Some(c) = &o.cert {
         p.cert = c.clone();
@@ -373,7 +415,8 @@ fn client_paths(o: &ClientOpts) -> Result<CertPaths> {
     if let Some(c) = &o.ca {
         p.ca = c.clone();
     }
-    if p.cert.as_os_str().is_empty() || p.key.as_os_str().is_empty() || p.ca.as_os_str().is_empty() {
+    if p.cert.as_os_str().is_empty() || p.key.as_os_str().is_empty() || p.ca.as_os_str().is_empty()
+    {
         bail!("client certificate, key and CA are required (--cert-dir, or --cert/--key/--ca, or CPS_CERT_DIR)");
     }
     Ok(p)
@@ -384,12 +427,19 @@ fn manager_addr(url: &str) -> Result<String> {
     if u.scheme() != "https" {
         bail!("manager URL must start with https://");
     }
-    let host = u.host_str().ok_or_else(|| anyhow!("manager URL without host"))?;
-    Ok(format!("{host}:{}", u.port_or_known_default().unwrap_or(443)))
+    let host = u
+        .host_str()
+        .ok_or_else(|| anyhow!("manager URL without host"))?;
+    Ok(format!(
+        "{host}:{}",
+        u.port_or_known_default().unwrap_or(443)
+    ))
 }
 
 fn parse_param(kv: &str) -> Result<(String, Value)> {
-    let (k, v) = kv.split_once('=').ok_or_else(|| anyhow!("--param expects KEY=VALUE, got '{kv}'"))?;
+    let (k, v) = kv
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--param expects KEY=VALUE, got '{kv}'"))?;
     let val = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
     Ok((k.to_string(), val))
 }
@@ -397,37 +447,69 @@ fn parse_param(kv: &str) -> Result<(String, Value)> {
 fn client(o: ClientOpts) -> Result<ExitCode> {
     let paths = client_paths(&o)?;
     let me = paths.identity().context("reading the client certificate")?;
-    let rule = PeerRule { roles: vec![Role::Manager], uid: me.uid, app: if me.app == 0 { None } else { Some(me.app) } };
+    let rule = PeerRule {
+        roles: vec![Role::Manager],
+        uid: me.uid,
+        app: if me.app == 0 { None } else { Some(me.app) },
+    };
     let tls = pki::client_config(&paths, rule)?;
     let c = RpcClient::new(tls, manager_addr(&o.manager)?);
     let sid = o.service_id;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let nodes = |n: u64| json!({"nodes": {"node": n}});
     let (result, friendly): (Result<Value, _>, fn(&Value) -> String) = rt.block_on(async {
         match &o.cmd {
-            ClientCmd::Call { method, params, post } => {
+            ClientCmd::Call {
+                method,
+                params,
+                post,
+            } => {
                 let mut m = serde_json::Map::new();
                 for p in params {
                     let (k, v) = parse_param(p)?;
                     m.insert(k, v);
                 }
                 let p = Value::Object(m);
-                let r = if *post { c.post(sid, method, &p).await } else { c.get(sid, method, &p).await };
+                let r = if *post {
+                    c.post(sid, method, &p).await
+                } else {
+                    c.get(sid, method, &p).await
+                };
                 anyhow::Ok((r, pretty as fn(&Value) -> String))
             }
-            ClientCmd::Info => Ok((c.get(sid, "get_service_info", &json!({})).await, fmt_info as fn(&Value) -> String)),
+            ClientCmd::Info => Ok((
+                c.get(sid, "get_service_info", &json!({})).await,
+                fmt_info as fn(&Value) -> String,
+            )),
             ClientCmd::Startup { cloud } => {
                 let p = match cloud {
                     Some(cl) => json!({"cloud": cl}),
                     None => json!({}),
                 };
-                Ok((c.post(sid, "startup", &p).await, fmt_state as fn(&Value) -> String))
+                Ok((
+                    c.post(sid, "startup", &p).await,
+                    fmt_state as fn(&Value) -> String,
+                ))
             }
-            ClientCmd::AddNodes { count } => Ok((c.post(sid, "add_nodes", &nodes(*count)).await, fmt_state as _)),
-            ClientCmd::RemoveNodes { count } => Ok((c.post(sid, "remove_nodes", &nodes(*count)).await, fmt_state as _)),
+            ClientCmd::AddNodes { count } => Ok((
+                c.post(sid, "add_nodes", &nodes(*count)).await,
+                fmt_state as _,
+            )),
+            ClientCmd::RemoveNodes { count } => Ok((
+                c.post(sid, "remove_nodes", &nodes(*count)).await,
+                fmt_state as _,
+            )),
             ClientCmd::List => Ok((c.get(sid, "list_nodes", &json!({})).await, fmt_list as _)),
-            ClientCmd::Hello => Ok((c.get(sid, "get_helloworld", &json!({})).await, fmt_hello as _)),
-            ClientCmd::History => Ok((c.get(sid, "get_service_history", &json!({})).await, fmt_history as _)),
+            ClientCmd::Hello => Ok((
+                c.get(sid, "get_helloworld", &json!({})).await,
+                fmt_hello as _,
+            )),
+            ClientCmd::History => Ok((
+                c.get(sid, "get_service_history", &json!({})).await,
+                fmt_history as _,
+            )),
             ClientCmd::Log => Ok((c.get(sid, "get_log", &json!({})).await, fmt_log as _)),
             ClientCmd::Stop => Ok((c.post(sid, "stop", &json!({})).await, fmt_state as _)),
         }
@@ -464,7 +546,13 @@ fn s(v: &Value, k: &str) -> String {
 }
 
 fn fmt_info(v: &Value) -> String {
-    format!("{:<8}{}\n{:<8}{}", "state", s(v, "state"), "type", s(v, "type"))
+    format!(
+        "{:<8}{}\n{:<8}{}",
+        "state",
+        s(v, "state"),
+        "type",
+        s(v, "type")
+    )
 }
 
 fn fmt_state(v: &Value) -> String {
@@ -493,9 +581,18 @@ fn fmt_log(v: &Value) -> String {
 
 fn fmt_history(v: &Value) -> String {
     let mut out = format!("{:<20}{:<10}REASON", "TIME", "STATE");
-    for e in v.get("state_log").and_then(Value::as_array).into_iter().flatten() {
-        out.push_str(&format!("\n{:<20}{:<10}{}", s(e, "time"), s(e, "state"), s(e, "reason")));
+    for e in v
+        .get("state_log")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!(
+            "\n{:<20}{:<10}{}",
+            s(e, "time"),
+            s(e, "state"),
+            s(e, "reason")
+        ));
     }
     out
 }
-

@@ -72,7 +72,10 @@ pub struct Manager {
 }
 
 fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 impl Manager {
@@ -82,7 +85,11 @@ impl Manager {
             starting_nodes: std::sync::atomic::AtomicUsize::new(1),
             log_file,
             controller,
-            inner: Mutex::new(Inner { state: State::INIT, log: Vec::new(), nodes: Vec::new() }),
+            inner: Mutex::new(Inner {
+                state: State::INIT,
+                log: Vec::new(),
+                nodes: Vec::new(),
+            }),
             ops: tokio::sync::Mutex::new(()),
         };
         m.set_state(State::INIT, "Manager initialized");
@@ -105,11 +112,21 @@ impl Manager {
     fn record(i: &mut Inner, s: State, reason: &str) {
         tracing::info!("state {} -> {s}: {reason}", i.state);
         i.state = s;
-        i.log.push(StateEntry { time: now(), state: s, reason: reason.to_string() });
+        i.log.push(StateEntry {
+            time: now(),
+            state: s,
+            reason: reason.to_string(),
+        });
     }
 
     /// Atomically checks the precondition and moves to `to`.
-    fn transition(&self, op: &str, from: &[State], to: State, reason: &str) -> Result<(), RpcError> {
+    fn transition(
+        &self,
+        op: &str,
+        from: &[State],
+        to: State,
+        reason: &str,
+    ) -> Result<(), RpcError> {
         let mut i = self.inner.lock().expect("state lock");
         if !from.contains(&i.state) {
             let allowed: Vec<String> = from.iter().map(|s| s.to_string()).collect();
@@ -128,11 +145,15 @@ impl Manager {
         let mut total: i64 = 0;
         for (role, v) in nodes {
             if role != ROLE_NODE && role != "count" {
-                return Err(RpcError(format!("Unknown role '{role}' (roles: {ROLE_NODE})")));
+                return Err(RpcError(format!(
+                    "Unknown role '{role}' (roles: {ROLE_NODE})"
+                )));
             }
             let n = crate::args::is_int(v).map_err(|e| RpcError(format!("Role '{role}': {e}.")))?;
             if n < 0 {
-                return Err(RpcError(format!("Role '{role}': negative number of nodes {n}.")));
+                return Err(RpcError(format!(
+                    "Role '{role}': negative number of nodes {n}."
+                )));
             }
             total += n;
         }
@@ -154,14 +175,23 @@ impl Manager {
                 "only {} of {count} node(s) started ({} never answered{})",
                 created.ready.len(),
                 created.failed.len(),
-                if created.errors.is_empty() { String::new() } else { format!("; {}", created.errors.join("; ")) }
+                if created.errors.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", created.errors.join("; "))
+                }
             ));
         }
         // on_start / on_add_nodes: POST startup on every new agent.
-        let calls = created
-            .ready
-            .iter()
-            .map(|n| async move { (n.id.clone(), self.controller.agent_client(n).post(0, "startup", &json!({})).await) });
+        let calls = created.ready.iter().map(|n| async move {
+            (
+                n.id.clone(),
+                self.controller
+                    .agent_client(n)
+                    .post(0, "startup", &json!({}))
+                    .await,
+            )
+        });
         for (id, r) in join_all(calls).await {
             if let Err(e) = r {
                 problem = Some(format!("startup of node {id} failed: {e}"));
@@ -196,7 +226,12 @@ impl Manager {
         let mut a = Args::new(p);
         let cloud = a.opt("cloud", is_string, "default".to_string())?;
         a.finish()?;
-        self.transition("startup", &[State::INIT, State::STOPPED], State::PROLOGUE, "Starting up")?;
+        self.transition(
+            "startup",
+            &[State::INIT, State::STOPPED],
+            State::PROLOGUE,
+            "Starting up",
+        )?;
         let me = self.clone();
         tokio::spawn(async move {
             let _op = me.ops.lock().await;
@@ -218,7 +253,12 @@ impl Manager {
         let cloud = a.opt("cloud", is_string, "default".to_string())?;
         a.finish()?;
         let count = Self::check_node_roles(&nodes)?;
-        self.transition("add_nodes", &[State::RUNNING], State::ADAPTING, &format!("Adding {count} node(s)"))?;
+        self.transition(
+            "add_nodes",
+            &[State::RUNNING],
+            State::ADAPTING,
+            &format!("Adding {count} node(s)"),
+        )?;
         let me = self.clone();
         tokio::spawn(async move {
             let _op = me.ops.lock().await;
@@ -241,26 +281,38 @@ impl Manager {
         let to_remove = {
             let mut i = self.inner.lock().expect("state lock");
             if i.state != State::RUNNING {
-                return Err(RpcError(format!("Wrong state to remove_nodes: service is {} (must be RUNNING)", i.state)));
+                return Err(RpcError(format!(
+                    "Wrong state to remove_nodes: service is {} (must be RUNNING)",
+                    i.state
+                )));
             }
             let removable = i.nodes.len().saturating_sub(1);
             if count > removable {
                 return Err(RpcError(if removable == 0 {
                     format!("Requesting to delete {count} nodes while none can be removed")
                 } else {
-                    format!("Requesting to delete {count} nodes while only {removable} can be removed")
+                    format!(
+                        "Requesting to delete {count} nodes while only {removable} can be removed"
+                    )
                 }));
             }
             let keep = i.nodes.len() - count;
             let gone = i.nodes.split_off(keep);
-            Self::record(&mut i, State::ADAPTING, &format!("Removing {count} node(s)"));
+            Self::record(
+                &mut i,
+                State::ADAPTING,
+                &format!("Removing {count} node(s)"),
+            );
             gone
         };
         let me = self.clone();
         tokio::spawn(async move {
             let _op = me.ops.lock().await;
             me.controller.delete_nodes(&to_remove).await;
-            me.set_state(State::RUNNING, &format!("Removed {} node(s)", to_remove.len()));
+            me.set_state(
+                State::RUNNING,
+                &format!("Removed {} node(s)", to_remove.len()),
+            );
         });
         Ok(json!({"state": State::ADAPTING}))
     }
@@ -269,7 +321,14 @@ impl Manager {
         Args::new(p).finish()?;
         self.transition(
             "stop",
-            &[State::INIT, State::PROLOGUE, State::RUNNING, State::ADAPTING, State::STOPPED, State::ERROR],
+            &[
+                State::INIT,
+                State::PROLOGUE,
+                State::RUNNING,
+                State::ADAPTING,
+                State::STOPPED,
+                State::ERROR,
+            ],
             State::EPILOGUE,
             "Stopping",
         )?;
@@ -278,7 +337,10 @@ impl Manager {
             let _op = me.ops.lock().await;
             let nodes = std::mem::take(&mut me.inner.lock().expect("state lock").nodes);
             me.controller.delete_nodes(&nodes).await;
-            me.set_state(State::STOPPED, &format!("Stopped ({} node(s) deleted)", nodes.len()));
+            me.set_state(
+                State::STOPPED,
+                &format!("Stopped ({} node(s) deleted)", nodes.len()),
+            );
         });
         Ok(json!({"state": State::EPILOGUE}))
     }
@@ -322,7 +384,11 @@ impl Manager {
         let id = a.req("agentId", is_string)?;
         a.finish()?;
         let n = self.find_node(&id)?;
-        Ok(self.controller.agent_client(&n).get(0, "get_log", &json!({})).await.map_err(|e| RpcError(e.to_string()))?)
+        self.controller
+            .agent_client(&n)
+            .get(0, "get_log", &json!({}))
+            .await
+            .map_err(|e| RpcError(e.to_string()))
     }
 
     async fn get_helloworld(&self, p: Params) -> RpcResult {
@@ -330,19 +396,30 @@ impl Manager {
         let nodes = {
             let i = self.inner.lock().expect("state lock");
             if i.state != State::RUNNING {
-                return Err(RpcError(format!("Wrong state to get_helloworld: service is {} (must be RUNNING)", i.state)));
+                return Err(RpcError(format!(
+                    "Wrong state to get_helloworld: service is {} (must be RUNNING)",
+                    i.state
+                )));
             }
             i.nodes.clone()
         };
         let calls = nodes.iter().map(|n| async move {
-            let r = self.controller.agent_client(n).get(0, "get_helloworld", &json!({})).await;
+            let r = self
+                .controller
+                .agent_client(n)
+                .get(0, "get_helloworld", &json!({}))
+                .await;
             (n.id.clone(), r)
         });
         let mut lines = Vec::new();
         for (id, r) in join_all(calls).await {
             match r {
                 Ok(v) => {
-                    let s = v.get("result").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| v.to_string());
+                    let s = v
+                        .get("result")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string());
                     lines.push(format!("Received {s} from {id}"));
                 }
                 Err(e) => return Err(RpcError(format!("Node {id} did not answer: {e}"))),
@@ -416,7 +493,10 @@ impl ManagerConfig {
         let service_type = ini.get_or(S, "TYPE", "helloworld");
         let mut replacements = BTreeMap::new();
         if service_type == "helloworld" {
-            replacements.insert("STRING".to_string(), ini.get_or(S, "CONTEXT_STRING", "helloworld"));
+            replacements.insert(
+                "STRING".to_string(),
+                ini.get_or(S, "CONTEXT_STRING", "helloworld"),
+            );
         }
         let cert_dir: PathBuf = ini.require(S, "CERT_DIR")?.into();
         Ok(ManagerConfig {
@@ -430,7 +510,9 @@ impl ManagerConfig {
             port: ini.parse_or(S, "PORT", 443)?,
             enroll_port: ini.parse_or(S, "ENROLL_PORT", 4443)?,
             log_file: ini.require(S, "LOG_FILE")?.into(),
-            ca_dir: opt("CA_DIR").map(PathBuf::from).unwrap_or_else(|| cert_dir.clone()),
+            ca_dir: opt("CA_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| cert_dir.clone()),
             cert_dir,
             var_run: ini.require(S, "VAR_RUN")?.into(),
             var_cache: ini.require(S, "VAR_CACHE")?.into(),
@@ -463,7 +545,8 @@ pub async fn start(cfg: &ManagerConfig) -> Result<Running> {
     use crate::pki::{self, CertPaths, PeerRule, Role};
     std::fs::create_dir_all(&cfg.var_run)?;
     let certs = CertPaths::in_dir(&cfg.cert_dir);
-    let ca = pki::Ca::load(&cfg.ca_dir).context("the manager needs the CA (CA_DIR) to enrol its nodes")?;
+    let ca = pki::Ca::load(&cfg.ca_dir)
+        .context("the manager needs the CA (CA_DIR) to enrol its nodes")?;
     let enroller = Arc::new(crate::enrol::Enroller::new(ca, cfg.token_ttl, 365));
     let config = match &cfg.config_dir {
         Some(d) => crate::context::ConfigTree::new(d),
@@ -511,7 +594,11 @@ pub async fn start(cfg: &ManagerConfig) -> Result<Running> {
         replacements: cfg.replacements.clone(),
         startup_script: None,
     };
-    let agent_rule = PeerRule { roles: vec![Role::Agent, Role::Manager], uid: cfg.user_id, app: Some(cfg.app_id) };
+    let agent_rule = PeerRule {
+        roles: vec![Role::Agent, Role::Manager],
+        uid: cfg.user_id,
+        app: Some(cfg.app_id),
+    };
     let controller = Arc::new(Controller {
         cloud,
         config,
@@ -523,15 +610,26 @@ pub async fn start(cfg: &ManagerConfig) -> Result<Running> {
         max_retries: cfg.max_retries,
     });
     let manager = Manager::new(&cfg.service_type, cfg.log_file.clone(), controller);
-    manager.starting_nodes.store(cfg.starting_nodes, std::sync::atomic::Ordering::SeqCst);
+    manager
+        .starting_nodes
+        .store(cfg.starting_nodes, std::sync::atomic::Ordering::SeqCst);
     let mut d = crate::rpc::Dispatcher::new();
     d.add_service(0, manager.clone());
     let tls = pki::server_config(&certs, PeerRule::manager_server(cfg.user_id, cfg.app_id))?;
     tokio::spawn(crate::rpc::serve_tls(rpc_listener, tls, d.router()));
     let etls = pki::enrol_server_config(&certs)?;
-    tokio::spawn(crate::rpc::serve_tls(enroll_listener, etls, enroller.router()));
+    tokio::spawn(crate::rpc::serve_tls(
+        enroll_listener,
+        etls,
+        enroller.router(),
+    ));
     let ports = json!({"port": rpc_addr.port(), "enroll_port": enroll_addr.port()});
     pki::write_file(&cfg.var_run.join("ports.json"), &ports.to_string(), 0o644)?;
     tracing::info!("manager listening on {rpc_addr} (enrolment on {enroll_addr})");
-    Ok(Running { manager, rpc_addr, enroll_addr, local_cloud })
+    Ok(Running {
+        manager,
+        rpc_addr,
+        enroll_addr,
+        local_cloud,
+    })
 }

@@ -109,8 +109,8 @@ impl Identity {
 
     /// Extracts the identity from a DER certificate. Exactly one ConPaaS URN must be present.
     pub fn from_der(der: &[u8]) -> Result<Identity> {
-        let (_, cert) =
-            x509_parser::parse_x509_certificate(der).map_err(|e| anyhow!("bad certificate: {e}"))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| anyhow!("bad certificate: {e}"))?;
         let san = cert
             .subject_alternative_name()
             .map_err(|e| anyhow!("bad subjectAltName: {e}"))?
@@ -145,11 +145,19 @@ pub struct PeerRule {
 impl PeerRule {
     /// Server rule of a manager: `user`/`manager` of its own user and application.
     pub fn manager_server(uid: u64, app: u64) -> Self {
-        PeerRule { roles: vec![Role::User, Role::Manager], uid, app: Some(app) }
+        PeerRule {
+            roles: vec![Role::User, Role::Manager],
+            uid,
+            app: Some(app),
+        }
     }
     /// Server rule of an agent: `manager`/`agent` of the same user and application.
     pub fn agent_server(uid: u64, app: u64) -> Self {
-        PeerRule { roles: vec![Role::Manager, Role::Agent], uid, app: Some(app) }
+        PeerRule {
+            roles: vec![Role::Manager, Role::Agent],
+            uid,
+            app: Some(app),
+        }
     }
 
     pub fn check(&self, id: &Identity) -> Result<()> {
@@ -157,12 +165,19 @@ impl PeerRule {
             bail!("role '{}' not accepted", id.role);
         }
         if id.uid != self.uid {
-            bail!("certificate of user {} not accepted (expected {})", id.uid, self.uid);
+            bail!(
+                "certificate of user {} not accepted (expected {})",
+                id.uid,
+                self.uid
+            );
         }
         if let Some(app) = self.app {
             let wildcard = id.role == Role::User && id.app == 0;
             if id.app != app && !wildcard {
-                bail!("certificate of application {} not accepted (expected {app})", id.app);
+                bail!(
+                    "certificate of application {} not accepted (expected {app})",
+                    id.app
+                );
             }
         }
         Ok(())
@@ -209,7 +224,8 @@ impl Ca {
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::default();
         p.distinguished_name.push(DnType::CommonName, common_name);
-        p.distinguished_name.push(DnType::OrganizationName, "ConPaaS");
+        p.distinguished_name
+            .push(DnType::OrganizationName, "ConPaaS");
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         p.serial_number = Some(serial());
@@ -217,14 +233,22 @@ impl Ca {
         p.not_before = now - Duration::minutes(5);
         p.not_after = now + Duration::days(days);
         let cert = p.self_signed(&key)?;
-        Ok(Ca { cert_pem: cert.pem(), issuer: cert, key })
+        Ok(Ca {
+            cert_pem: cert.pem(),
+            issuer: cert,
+            key,
+        })
     }
 
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca> {
         let key = KeyPair::from_pem(key_pem).context("parsing CA key")?;
         let params = CertificateParams::from_ca_cert_pem(cert_pem).context("parsing CA cert")?;
         let issuer = params.self_signed(&key)?;
-        Ok(Ca { cert_pem: cert_pem.to_string(), issuer, key })
+        Ok(Ca {
+            cert_pem: cert_pem.to_string(),
+            issuer,
+            key,
+        })
     }
 
     pub fn load(dir: &Path) -> Result<Ca> {
@@ -245,17 +269,22 @@ impl Ca {
     fn params_for(&self, id: &Identity, cn: &str, validity: Validity) -> Result<CertificateParams> {
         let mut p = CertificateParams::default();
         p.distinguished_name.push(DnType::CommonName, cn);
-        p.distinguished_name.push(DnType::OrganizationName, "ConPaaS");
         p.distinguished_name
-            .push(DnType::CustomDnType(vec![0, 9, 2342, 19200300, 100, 1, 1]), id.uid.to_string());
+            .push(DnType::OrganizationName, "ConPaaS");
+        p.distinguished_name.push(
+            DnType::CustomDnType(vec![0, 9, 2342, 19200300, 100, 1, 1]),
+            id.uid.to_string(),
+        );
         p.subject_alt_names = vec![
             SanType::URI(id.urn().try_into()?),
             SanType::DnsName(SERVER_NAME.try_into()?),
         ];
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         p.serial_number = Some(serial());
         p.not_before = validity.not_before;
         p.not_after = validity.not_after;
@@ -265,17 +294,27 @@ impl Ca {
     /// Issues a certificate and a fresh key: returns (cert PEM, key PEM).
     pub fn issue(&self, id: &Identity, cn: &str, validity: Validity) -> Result<(String, String)> {
         let key = KeyPair::generate()?;
-        let cert = self.params_for(id, cn, validity)?.signed_by(&key, &self.issuer, &self.key)?;
+        let cert = self
+            .params_for(id, cn, validity)?
+            .signed_by(&key, &self.issuer, &self.key)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
 
     /// Signs a CSR. Only the CSR's public key is used (its signature is verified); subject and
     /// identity come from the caller (i.e. from the enrolment token), never from the CSR.
-    pub fn sign_csr(&self, csr_pem: &str, id: &Identity, cn: &str, validity: Validity) -> Result<String> {
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        id: &Identity,
+        cn: &str,
+        validity: Validity,
+    ) -> Result<String> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).context("invalid CSR")?;
-        let cert = self
-            .params_for(id, cn, validity)?
-            .signed_by(&csr.public_key, &self.issuer, &self.key)?;
+        let cert = self.params_for(id, cn, validity)?.signed_by(
+            &csr.public_key,
+            &self.issuer,
+            &self.key,
+        )?;
         Ok(cert.pem())
     }
 }
@@ -289,7 +328,10 @@ pub struct Validity {
 impl Validity {
     pub fn days(days: i64) -> Self {
         let now = OffsetDateTime::now_utc();
-        Validity { not_before: now - Duration::minutes(5), not_after: now + Duration::days(days) }
+        Validity {
+            not_before: now - Duration::minutes(5),
+            not_after: now + Duration::days(days),
+        }
     }
 }
 
@@ -329,14 +371,24 @@ pub struct CertPaths {
 
 impl CertPaths {
     pub fn in_dir(dir: &Path) -> Self {
-        CertPaths { cert: dir.join(CERT_FILE), key: dir.join(KEY_FILE), ca: dir.join(CA_CERT_FILE) }
+        CertPaths {
+            cert: dir.join(CERT_FILE),
+            key: dir.join(KEY_FILE),
+            ca: dir.join(CA_CERT_FILE),
+        }
     }
 
     pub fn exist(&self) -> bool {
         self.cert.exists() && self.key.exists() && self.ca.exists()
     }
 
-    fn load(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, RootCertStore)> {
+    fn load(
+        &self,
+    ) -> Result<(
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+        RootCertStore,
+    )> {
         let certs = CertificateDer::pem_file_iter(&self.cert)
             .with_context(|| format!("reading {}", self.cert.display()))?
             .collect::<Result<Vec<_>, _>>()
@@ -397,7 +449,8 @@ impl ClientCertVerifier for RoleClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let id = Identity::from_der(end_entity).map_err(identity_error)?;
         self.rule.check(&id).map_err(identity_error)?;
         Ok(ClientCertVerified::assertion())
@@ -494,10 +547,14 @@ pub fn enrol_server_config(paths: &CertPaths) -> Result<Arc<ServerConfig>> {
     Ok(Arc::new(cfg))
 }
 
-fn server_verifier(roots: RootCertStore, rule: Option<PeerRule>) -> Result<Arc<RoleServerVerifier>> {
-    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|e| anyhow!("server verifier: {e}"))?;
+fn server_verifier(
+    roots: RootCertStore,
+    rule: Option<PeerRule>,
+) -> Result<Arc<RoleServerVerifier>> {
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| anyhow!("server verifier: {e}"))?;
     Ok(Arc::new(RoleServerVerifier { inner, rule }))
 }
 
@@ -530,10 +587,19 @@ mod tests {
 
     #[test]
     fn urn_roundtrip_and_rejects_garbage() {
-        let id = Identity { role: Role::Agent, uid: 3, app: 7 };
+        let id = Identity {
+            role: Role::Agent,
+            uid: 3,
+            app: 7,
+        };
         assert_eq!(id.urn(), "urn:conpaas:agent:u3:a7");
         assert_eq!(Identity::parse_urn(&id.urn()), Some(id));
-        for bad in ["urn:conpaas:root:u1:a1", "urn:conpaas:agent:3:a7", "urn:conpaas:agent:u3:a7:x", "x"] {
+        for bad in [
+            "urn:conpaas:root:u1:a1",
+            "urn:conpaas:agent:3:a7",
+            "urn:conpaas:agent:u3:a7:x",
+            "x",
+        ] {
             assert_eq!(Identity::parse_urn(bad), None, "{bad}");
         }
     }
@@ -541,16 +607,33 @@ mod tests {
     #[test]
     fn issued_cert_carries_identity_and_unique_serial() {
         let ca = Ca::generate("test CA", 10).unwrap();
-        let id = Identity { role: Role::Manager, uid: 5, app: 9 };
+        let id = Identity {
+            role: Role::Manager,
+            uid: 5,
+            app: 9,
+        };
         let (c1, _) = ca.issue(&id, "m", Validity::days(1)).unwrap();
         let (c2, _) = ca.issue(&id, "m", Validity::days(1)).unwrap();
         let d1 = CertificateDer::from_pem_slice(c1.as_bytes()).unwrap();
         let d2 = CertificateDer::from_pem_slice(c2.as_bytes()).unwrap();
         assert_eq!(Identity::from_der(&d1).unwrap(), id);
-        let s1 = x509_parser::parse_x509_certificate(&d1).unwrap().1.serial.clone();
-        let s2 = x509_parser::parse_x509_certificate(&d2).unwrap().1.serial.clone();
+        let s1 = x509_parser::parse_x509_certificate(&d1)
+            .unwrap()
+            .1
+            .serial
+            .clone();
+        let s2 = x509_parser::parse_x509_certificate(&d2)
+            .unwrap()
+            .1
+            .serial
+            .clone();
         assert_ne!(s1, s2);
-        let sig = x509_parser::parse_x509_certificate(&d1).unwrap().1.signature_algorithm.algorithm.to_id_string();
+        let sig = x509_parser::parse_x509_certificate(&d1)
+            .unwrap()
+            .1
+            .signature_algorithm
+            .algorithm
+            .to_id_string();
         assert_eq!(sig, "1.2.840.10045.4.3.2", "ecdsa-with-SHA256");
     }
 
@@ -558,25 +641,90 @@ mod tests {
     fn csr_signing_uses_token_identity_not_csr_subject() {
         let ca = Ca::generate("test CA", 10).unwrap();
         let (_key, csr) = generate_key_and_csr("urn:conpaas:manager:u1:a1").unwrap();
-        let id = Identity { role: Role::Agent, uid: 1, app: 2 };
+        let id = Identity {
+            role: Role::Agent,
+            uid: 1,
+            app: 2,
+        };
         let pem = ca.sign_csr(&csr, &id, "node", Validity::days(1)).unwrap();
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
         assert_eq!(Identity::from_der(&der).unwrap(), id);
-        assert!(ca.sign_csr("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", &id, "n", Validity::days(1)).is_err());
+        assert!(ca
+            .sign_csr(
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+                &id,
+                "n",
+                Validity::days(1)
+            )
+            .is_err());
     }
 
     #[test]
     fn peer_rules() {
         let m = PeerRule::manager_server(1, 2);
-        assert!(m.check(&Identity { role: Role::User, uid: 1, app: 2 }).is_ok());
-        assert!(m.check(&Identity { role: Role::User, uid: 1, app: 0 }).is_ok());
-        assert!(m.check(&Identity { role: Role::Manager, uid: 1, app: 2 }).is_ok());
-        assert!(m.check(&Identity { role: Role::Manager, uid: 1, app: 0 }).is_err());
-        assert!(m.check(&Identity { role: Role::Agent, uid: 1, app: 2 }).is_err());
-        assert!(m.check(&Identity { role: Role::User, uid: 2, app: 2 }).is_err());
+        assert!(m
+            .check(&Identity {
+                role: Role::User,
+                uid: 1,
+                app: 2
+            })
+            .is_ok());
+        assert!(m
+            .check(&Identity {
+                role: Role::User,
+                uid: 1,
+                app: 0
+            })
+            .is_ok());
+        assert!(m
+            .check(&Identity {
+                role: Role::Manager,
+                uid: 1,
+                app: 2
+            })
+            .is_ok());
+        assert!(m
+            .check(&Identity {
+                role: Role::Manager,
+                uid: 1,
+                app: 0
+            })
+            .is_err());
+        assert!(m
+            .check(&Identity {
+                role: Role::Agent,
+                uid: 1,
+                app: 2
+            })
+            .is_err());
+        assert!(m
+            .check(&Identity {
+                role: Role::User,
+                uid: 2,
+                app: 2
+            })
+            .is_err());
         let a = PeerRule::agent_server(1, 2);
-        assert!(a.check(&Identity { role: Role::Agent, uid: 1, app: 2 }).is_ok());
-        assert!(a.check(&Identity { role: Role::User, uid: 1, app: 2 }).is_err());
-        assert!(a.check(&Identity { role: Role::Manager, uid: 1, app: 3 }).is_err());
+        assert!(a
+            .check(&Identity {
+                role: Role::Agent,
+                uid: 1,
+                app: 2
+            })
+            .is_ok());
+        assert!(a
+            .check(&Identity {
+                role: Role::User,
+                uid: 1,
+                app: 2
+            })
+            .is_err());
+        assert!(a
+            .check(&Identity {
+                role: Role::Manager,
+                uid: 1,
+                app: 3
+            })
+            .is_err());
     }
 }

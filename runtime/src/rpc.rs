@@ -150,11 +150,20 @@ fn content_type(req: &Request) -> Option<String> {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|s| s.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|s| {
+            s.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
 }
 
 fn is_json_type(ct: &str) -> bool {
-    matches!(ct, "application/json-rpc" | "application/json" | "application/jsonrequest")
+    matches!(
+        ct,
+        "application/json-rpc" | "application/json" | "application/jsonrequest"
+    )
 }
 
 /// The parsed request, before dispatch.
@@ -178,8 +187,18 @@ pub fn parse_query(query: &str) -> Result<Call, (StatusCode, String)> {
         Some(s) => match serde_json::from_str::<Value>(s) {
             Ok(Value::Object(m)) => m,
             Ok(Value::Null) => Map::new(),
-            Ok(_) => return Err((StatusCode::BAD_REQUEST, "params must be a JSON object".into())),
-            Err(e) => return Err((StatusCode::BAD_REQUEST, format!("Invalid JSON in params: {e}"))),
+            Ok(_) => {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    "params must be a JSON object".into(),
+                ))
+            }
+            Err(e) => {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    format!("Invalid JSON in params: {e}"),
+                ))
+            }
         },
     };
     Ok(Call {
@@ -193,15 +212,27 @@ pub fn parse_query(query: &str) -> Result<Call, (StatusCode, String)> {
 
 /// Decodes a POST JSON envelope.
 pub fn parse_envelope(body: &[u8]) -> Result<Call, (StatusCode, String)> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("Invalid JSON request: {e}")))?;
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("Invalid JSON request: {e}"),
+        )
+    })?;
     let Value::Object(mut obj) = v else {
-        return Err((StatusCode::BAD_REQUEST, "Request must be a JSON object".into()));
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "Request must be a JSON object".into(),
+        ));
     };
     let params = match obj.remove("params") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(m)) => m,
-        Some(_) => return Err((StatusCode::BAD_REQUEST, "params must be a JSON object".into())),
+        Some(_) => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "params must be a JSON object".into(),
+            ))
+        }
     };
     Ok(Call {
         verb: Verb::POST,
@@ -244,12 +275,16 @@ impl Dispatcher {
         let id = match (call.verb, call.id) {
             (Verb::UPLOAD, _) => json!(1),
             (_, Some(id)) => id,
-            (_, None) => return envelope_error(StatusCode::BAD_REQUEST, "Did not specify id", Value::Null),
+            (_, None) => {
+                return envelope_error(StatusCode::BAD_REQUEST, "Did not specify id", Value::Null)
+            }
         };
         // Run in its own task so that a panic is contained and answered.
         let fut = handler(call.params);
         match tokio::spawn(fut).await {
-            Ok(Ok(result)) => axum::Json(json!({"result": result, "error": null, "id": id})).into_response(),
+            Ok(Ok(result)) => {
+                axum::Json(json!({"result": result, "error": null, "id": id})).into_response()
+            }
             Ok(Err(e)) => axum::Json(json!({"error": e.0, "id": id})).into_response(),
             Err(join) => {
                 let sid = sid.unwrap_or_default();
@@ -269,26 +304,47 @@ impl Dispatcher {
             return envelope_error(StatusCode::NOT_FOUND, "Not found", Value::Null);
         }
         let Some(ct) = content_type(&req) else {
-            return envelope_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "Content-Type required", Value::Null);
+            return envelope_error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Content-Type required",
+                Value::Null,
+            );
         };
         let call = match *req.method() {
             Method::GET => {
                 if !is_json_type(&ct) {
-                    return envelope_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "Unsupported Content-Type", Value::Null);
+                    return envelope_error(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "Unsupported Content-Type",
+                        Value::Null,
+                    );
                 }
                 parse_query(req.uri().query().unwrap_or(""))
             }
             Method::POST if is_json_type(&ct) => {
                 match axum::body::to_bytes(req.into_body(), MAX_BODY).await {
                     Ok(b) => parse_envelope(&b),
-                    Err(_) => Err((StatusCode::PAYLOAD_TOO_LARGE, "Request body too large".into())),
+                    Err(_) => Err((
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "Request body too large".into(),
+                    )),
                 }
             }
             Method::POST if ct == "multipart/form-data" => parse_multipart(req).await,
             Method::POST => {
-                return envelope_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "Unsupported Content-Type", Value::Null)
+                return envelope_error(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "Unsupported Content-Type",
+                    Value::Null,
+                )
             }
-            _ => return envelope_error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed", Value::Null),
+            _ => {
+                return envelope_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "Method not allowed",
+                    Value::Null,
+                )
+            }
         };
         match call {
             Ok(call) => self.dispatch(call).await,
@@ -311,20 +367,32 @@ impl Dispatcher {
 async fn parse_multipart(req: Request) -> Result<Call, (StatusCode, String)> {
     let mut mp = axum::extract::Multipart::from_request(req, &())
         .await
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("Invalid multipart body: {e}")))?;
+        .map_err(|e| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("Invalid multipart body: {e}"),
+            )
+        })?;
     let mut fields = Map::new();
     loop {
         let field = match mp.next_field().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
-            Err(e) => return Err((e.status(), format!("Invalid multipart body: {}", e.body_text()))),
+            Err(e) => {
+                return Err((
+                    e.status(),
+                    format!("Invalid multipart body: {}", e.body_text()),
+                ))
+            }
         };
         let name = field.name().unwrap_or("").to_string();
         let filename = field.file_name().map(str::to_string);
-        let data = field
-            .bytes()
-            .await
-            .map_err(|e| (e.status(), format!("Invalid multipart body: {}", e.body_text())))?;
+        let data = field.bytes().await.map_err(|e| {
+            (
+                e.status(),
+                format!("Invalid multipart body: {}", e.body_text()),
+            )
+        })?;
         let value = match filename {
             Some(f) => json!({"filename": f, "content": String::from_utf8_lossy(&data)}),
             None => Value::String(String::from_utf8_lossy(&data).into_owned()),
@@ -333,12 +401,22 @@ async fn parse_multipart(req: Request) -> Result<Call, (StatusCode, String)> {
     }
     let service_id = fields.remove("service_id");
     let method = fields.remove("method");
-    Ok(Call { verb: Verb::UPLOAD, service_id, method, params: fields, id: Some(json!(1)) })
+    Ok(Call {
+        verb: Verb::UPLOAD,
+        service_id,
+        method,
+        params: fields,
+        id: Some(json!(1)),
+    })
 }
 
 /// Serves `router` over TLS on `listener` until the process ends. Each connection is served in
 /// its own task; handshake failures are logged and the connection dropped.
-pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: axum::Router) {
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: axum::Router,
+) {
     let acceptor = TlsAcceptor::from(tls);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -353,17 +431,18 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ro
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::info!("TLS handshake with {peer} failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!("TLS handshake with {peer} timed out");
-                    return;
-                }
-            };
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!("TLS handshake with {peer} failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!("TLS handshake with {peer} timed out");
+                        return;
+                    }
+                };
             let svc = hyper_util::service::TowerToHyperService::new(router);
             let io = hyper_util::rt::TokioIo::new(tls);
             if let Err(e) = hyper::server::conn::http1::Builder::new()

@@ -42,7 +42,10 @@ impl Cloud for FakeCloud {
     async fn create_node(&self, req: NodeRequest) -> anyhow::Result<ServiceNode> {
         self.gate.acquire().await?.forget();
         let vmid = self.next.fetch_add(1, Ordering::SeqCst).to_string();
-        let dead = self.dead.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        let dead = self
+            .dead
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = l.local_addr()?.port();
         let task = if dead {
@@ -56,13 +59,20 @@ impl Cloud for FakeCloud {
         } else {
             let dir = self.pki_dir.join(format!("node{vmid}"));
             std::fs::create_dir_all(&dir)?;
-            let id = pki::Identity { role: Role::Agent, uid: req.vars.user_id, app: req.vars.app_id };
+            let id = pki::Identity {
+                role: Role::Agent,
+                uid: req.vars.user_id,
+                app: req.vars.app_id,
+            };
             let (c, k) = self.ca.issue(&id, &vmid, pki::Validity::days(1))?;
             let p = pki::CertPaths::in_dir(&dir);
             std::fs::write(&p.cert, c)?;
             std::fs::write(&p.key, k)?;
             std::fs::write(&p.ca, &self.ca.cert_pem)?;
-            std::fs::write(dir.join("agent.log"), format!("agent started on node {vmid}\n"))?;
+            std::fs::write(
+                dir.join("agent.log"),
+                format!("agent started on node {vmid}\n"),
+            )?;
             let cfg = AgentConfig {
                 service_type: req.vars.service_type.clone(),
                 user_id: req.vars.user_id,
@@ -75,11 +85,19 @@ impl Cloud for FakeCloud {
                 cert_dir: dir.clone(),
                 enroll_url: None,
                 enroll_token: None,
-                string_to_generate: req.vars.replacements.get("STRING").cloned().unwrap_or_default(),
+                string_to_generate: req
+                    .vars
+                    .replacements
+                    .get("STRING")
+                    .cloned()
+                    .unwrap_or_default(),
             };
             let mut d = Dispatcher::new();
             d.add_service(0, Agent::new(cfg));
-            let tls = pki::server_config(&p, PeerRule::agent_server(req.vars.user_id, req.vars.app_id))?;
+            let tls = pki::server_config(
+                &p,
+                PeerRule::agent_server(req.vars.user_id, req.vars.app_id),
+            )?;
             tokio::spawn(runtime::rpc::serve_tls(l, tls, d.router()))
         };
         let node = ServiceNode {
@@ -92,17 +110,31 @@ impl Cloud for FakeCloud {
             role: req.role,
             port,
         };
-        self.nodes.lock().unwrap().insert(vmid, (node.clone(), task));
+        self.nodes
+            .lock()
+            .unwrap()
+            .insert(vmid, (node.clone(), task));
         Ok(node)
     }
     async fn delete_node(&self, node: &ServiceNode) -> anyhow::Result<()> {
-        let (_, task) = self.nodes.lock().unwrap().remove(&node.vmid).ok_or_else(|| anyhow::anyhow!("no node"))?;
+        let (_, task) = self
+            .nodes
+            .lock()
+            .unwrap()
+            .remove(&node.vmid)
+            .ok_or_else(|| anyhow::anyhow!("no node"))?;
         task.abort();
         self.deleted.lock().unwrap().push(node.id.clone());
         Ok(())
     }
     async fn list_nodes(&self) -> anyhow::Result<Vec<ServiceNode>> {
-        Ok(self.nodes.lock().unwrap().values().map(|(n, _)| n.clone()).collect())
+        Ok(self
+            .nodes
+            .lock()
+            .unwrap()
+            .values()
+            .map(|(n, _)| n.clone())
+            .collect())
     }
 }
 
@@ -125,7 +157,11 @@ fn fixture(open_gate: bool, dead: u32, max_retries: u32) -> Fx {
         nodes: Mutex::new(BTreeMap::new()),
         deleted: Mutex::new(Vec::new()),
     });
-    let enroller = Arc::new(Enroller::new(Ca::load(&pki.ca_dir()).unwrap(), Duration::from_secs(60), 1));
+    let enroller = Arc::new(Enroller::new(
+        Ca::load(&pki.ca_dir()).unwrap(),
+        Duration::from_secs(60),
+        1,
+    ));
     let base_vars = NodeVars {
         role: Role::Agent,
         service_type: "helloworld".into(),
@@ -146,7 +182,15 @@ fn fixture(open_gate: bool, dead: u32, max_retries: u32) -> Fx {
         cloud: cloud.clone(),
         config: ConfigTree::locate().unwrap(),
         enroller,
-        agent_tls: pki::client_config(&mgr, PeerRule { roles: vec![Role::Agent], uid: 1, app: Some(1) }).unwrap(),
+        agent_tls: pki::client_config(
+            &mgr,
+            PeerRule {
+                roles: vec![Role::Agent],
+                uid: 1,
+                app: Some(1),
+            },
+        )
+        .unwrap(),
         base_vars,
         poll: Duration::from_millis(100),
         boot_timeout: Duration::from_millis(1500),
@@ -156,7 +200,12 @@ fn fixture(open_gate: bool, dead: u32, max_retries: u32) -> Fx {
     std::fs::write(pki.dir.path().join("manager.log"), "manager log line\n").unwrap();
     let mut d = Dispatcher::new();
     d.add_service(0, manager.clone());
-    Fx { _pki: pki, cloud, d, manager }
+    Fx {
+        _pki: pki,
+        cloud,
+        d,
+        manager,
+    }
 }
 
 async fn call(d: &Dispatcher, verb: Verb, method: &str, params: Value) -> Value {
@@ -173,11 +222,16 @@ async fn call(d: &Dispatcher, verb: Verb, method: &str, params: Value) -> Value 
 }
 
 fn err(v: &Value) -> &str {
-    v["error"].as_str().unwrap_or_else(|| panic!("expected an error, got {v}"))
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("expected an error, got {v}"))
 }
 
 async fn wait_state(m: &Manager, s: State) {
-    wait_for_async(&format!("state {s}"), Duration::from_secs(20), || async { m.state() == s }).await;
+    wait_for_async(&format!("state {s}"), Duration::from_secs(20), || async {
+        m.state() == s
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -188,24 +242,53 @@ async fn startup_only_from_init_or_stopped() {
     assert_eq!(v["result"]["state"], "PROLOGUE");
     // blocked in PROLOGUE: nothing else may start
     let v = call(&fx.d, Verb::POST, "startup", json!({})).await;
-    assert_eq!(err(&v), "Wrong state to startup: service is PROLOGUE (must be INIT or STOPPED)");
-    let v = call(&fx.d, Verb::POST, "add_nodes", json!({"nodes": {"node": 1}})).await;
+    assert_eq!(
+        err(&v),
+        "Wrong state to startup: service is PROLOGUE (must be INIT or STOPPED)"
+    );
+    let v = call(
+        &fx.d,
+        Verb::POST,
+        "add_nodes",
+        json!({"nodes": {"node": 1}}),
+    )
+    .await;
     assert!(err(&v).starts_with("Wrong state to add_nodes: service is PROLOGUE"));
-    let v = call(&fx.d, Verb::POST, "remove_nodes", json!({"nodes": {"node": 1}})).await;
+    let v = call(
+        &fx.d,
+        Verb::POST,
+        "remove_nodes",
+        json!({"nodes": {"node": 1}}),
+    )
+    .await;
     assert!(err(&v).starts_with("Wrong state to remove_nodes: service is PROLOGUE"));
     let v = call(&fx.d, Verb::GET, "get_helloworld", json!({})).await;
     assert!(err(&v).starts_with("Wrong state to get_helloworld"));
     fx.cloud.gate.add_permits(100);
     wait_state(&fx.manager, State::RUNNING).await;
     let v = call(&fx.d, Verb::POST, "startup", json!({})).await;
-    assert_eq!(err(&v), "Wrong state to startup: service is RUNNING (must be INIT or STOPPED)");
+    assert_eq!(
+        err(&v),
+        "Wrong state to startup: service is RUNNING (must be INIT or STOPPED)"
+    );
     // stop, then start again from STOPPED
-    assert_eq!(call(&fx.d, Verb::POST, "stop", json!({})).await["result"]["state"], "EPILOGUE");
+    assert_eq!(
+        call(&fx.d, Verb::POST, "stop", json!({})).await["result"]["state"],
+        "EPILOGUE"
+    );
     wait_state(&fx.manager, State::STOPPED).await;
-    assert_eq!(fx.cloud.list_nodes().await.unwrap().len(), 0, "stop deletes every node");
-    assert_eq!(call(&fx.d, Verb::POST, "startup", json!({})).await["result"]["state"], "PROLOGUE");
+    assert_eq!(
+        fx.cloud.list_nodes().await.unwrap().len(),
+        0,
+        "stop deletes every node"
+    );
+    assert_eq!(
+        call(&fx.d, Verb::POST, "startup", json!({})).await["result"]["state"],
+        "PROLOGUE"
+    );
     wait_state(&fx.manager, State::RUNNING).await;
-    let states: Vec<String> = call(&fx.d, Verb::GET, "get_service_history", json!({})).await["result"]["state_log"]
+    let states: Vec<String> = call(&fx.d, Verb::GET, "get_service_history", json!({})).await
+        ["result"]["state_log"]
         .as_array()
         .unwrap()
         .iter()
@@ -214,26 +297,65 @@ async fn startup_only_from_init_or_stopped() {
             e["state"].as_str().unwrap().to_string()
         })
         .collect();
-    assert_eq!(states, ["INIT", "PROLOGUE", "RUNNING", "EPILOGUE", "STOPPED", "PROLOGUE", "RUNNING"]);
+    assert_eq!(
+        states,
+        ["INIT", "PROLOGUE", "RUNNING", "EPILOGUE", "STOPPED", "PROLOGUE", "RUNNING"]
+    );
 }
 
 #[tokio::test]
 async fn node_changes_only_in_running() {
     let fx = fixture(true, 0, 0);
-    let v = call(&fx.d, Verb::POST, "add_nodes", json!({"nodes": {"node": 1}})).await;
-    assert_eq!(err(&v), "Wrong state to add_nodes: service is INIT (must be RUNNING)");
-    let v = call(&fx.d, Verb::POST, "remove_nodes", json!({"nodes": {"node": 1}})).await;
-    assert_eq!(err(&v), "Wrong state to remove_nodes: service is INIT (must be RUNNING)");
-    assert_eq!(call(&fx.d, Verb::GET, "list_nodes", json!({})).await["result"], json!({}));
+    let v = call(
+        &fx.d,
+        Verb::POST,
+        "add_nodes",
+        json!({"nodes": {"node": 1}}),
+    )
+    .await;
+    assert_eq!(
+        err(&v),
+        "Wrong state to add_nodes: service is INIT (must be RUNNING)"
+    );
+    let v = call(
+        &fx.d,
+        Verb::POST,
+        "remove_nodes",
+        json!({"nodes": {"node": 1}}),
+    )
+    .await;
+    assert_eq!(
+        err(&v),
+        "Wrong state to remove_nodes: service is INIT (must be RUNNING)"
+    );
+    assert_eq!(
+        call(&fx.d, Verb::GET, "list_nodes", json!({})).await["result"],
+        json!({})
+    );
     call(&fx.d, Verb::POST, "startup", json!({})).await;
     wait_state(&fx.manager, State::RUNNING).await;
     // ADAPTING while nodes are being added: further changes refused
     fx.cloud.gate.forget_permits(10_000);
-    let v = call(&fx.d, Verb::POST, "add_nodes", json!({"nodes": {"node": 2}})).await;
+    let v = call(
+        &fx.d,
+        Verb::POST,
+        "add_nodes",
+        json!({"nodes": {"node": 2}}),
+    )
+    .await;
     assert_eq!(v["result"]["state"], "ADAPTING");
     assert_eq!(fx.manager.state(), State::ADAPTING);
-    let v = call(&fx.d, Verb::POST, "add_nodes", json!({"nodes": {"node": 1}})).await;
-    assert_eq!(err(&v), "Wrong state to add_nodes: service is ADAPTING (must be RUNNING)");
+    let v = call(
+        &fx.d,
+        Verb::POST,
+        "add_nodes",
+        json!({"nodes": {"node": 1}}),
+    )
+    .await;
+    assert_eq!(
+        err(&v),
+        "Wrong state to add_nodes: service is ADAPTING (must be RUNNING)"
+    );
     let v = call(&fx.d, Verb::POST, "remove_nodes", json!({"count": 1})).await;
     assert!(err(&v).starts_with("Missing the mandatory parameter 'nodes'"));
     fx.cloud.gate.add_permits(100);
@@ -246,13 +368,37 @@ async fn node_changes_only_in_running() {
         v["result"]["helloworld"],
         "Received hi-there from iaas1\nReceived hi-there from iaas2\nReceived hi-there from iaas3"
     );
-    let v = call(&fx.d, Verb::GET, "get_node_info", json!({"serviceNodeId": "iaas2"})).await;
+    let v = call(
+        &fx.d,
+        Verb::GET,
+        "get_node_info",
+        json!({"serviceNodeId": "iaas2"}),
+    )
+    .await;
     assert_eq!(v["result"]["serviceNode"]["id"], "iaas2");
     assert_eq!(v["result"]["serviceNode"]["vmid"], "2");
-    let v = call(&fx.d, Verb::GET, "get_node_info", json!({"serviceNodeId": "iaas9"})).await;
+    let v = call(
+        &fx.d,
+        Verb::GET,
+        "get_node_info",
+        json!({"serviceNodeId": "iaas9"}),
+    )
+    .await;
     assert_eq!(err(&v), "Invalid node id 'iaas9'");
-    let v = call(&fx.d, Verb::GET, "get_agent_log", json!({"agentId": "iaas1"})).await;
-    assert!(v["result"]["log"].as_str().unwrap().contains("agent started on node 1"), "{v}");
+    let v = call(
+        &fx.d,
+        Verb::GET,
+        "get_agent_log",
+        json!({"agentId": "iaas1"}),
+    )
+    .await;
+    assert!(
+        v["result"]["log"]
+            .as_str()
+            .unwrap()
+            .contains("agent started on node 1"),
+        "{v}"
+    );
 }
 
 #[tokio::test]
@@ -260,19 +406,57 @@ async fn removing_all_nodes_is_refused() {
     let fx = fixture(true, 0, 0);
     call(&fx.d, Verb::POST, "startup", json!({})).await;
     wait_state(&fx.manager, State::RUNNING).await;
-    let v = call(&fx.d, Verb::POST, "remove_nodes", json!({"nodes": {"node": 1}})).await;
-    assert_eq!(err(&v), "Requesting to delete 1 nodes while none can be removed");
-    call(&fx.d, Verb::POST, "add_nodes", json!({"nodes": {"count": 2}})).await;
+    let v = call(
+        &fx.d,
+        Verb::POST,
+        "remove_nodes",
+        json!({"nodes": {"node": 1}}),
+    )
+    .await;
+    assert_eq!(
+        err(&v),
+        "Requesting to delete 1 nodes while none can be removed"
+    );
+    call(
+        &fx.d,
+        Verb::POST,
+        "add_nodes",
+        json!({"nodes": {"count": 2}}),
+    )
+    .await;
     wait_state(&fx.manager, State::RUNNING).await;
     assert_eq!(fx.manager.nodes().len(), 3);
-    let v = call(&fx.d, Verb::POST, "remove_nodes", json!({"nodes": {"node": 3}})).await;
-    assert_eq!(err(&v), "Requesting to delete 3 nodes while only 2 can be removed");
-    assert_eq!(fx.manager.state(), State::RUNNING, "a refused call changes nothing");
-    let v = call(&fx.d, Verb::POST, "remove_nodes", json!({"nodes": {"node": 2}})).await;
+    let v = call(
+        &fx.d,
+        Verb::POST,
+        "remove_nodes",
+        json!({"nodes": {"node": 3}}),
+    )
+    .await;
+    assert_eq!(
+        err(&v),
+        "Requesting to delete 3 nodes while only 2 can be removed"
+    );
+    assert_eq!(
+        fx.manager.state(),
+        State::RUNNING,
+        "a refused call changes nothing"
+    );
+    let v = call(
+        &fx.d,
+        Verb::POST,
+        "remove_nodes",
+        json!({"nodes": {"node": 2}}),
+    )
+    .await;
     assert_eq!(v["result"]["state"], "ADAPTING");
     wait_state(&fx.manager, State::RUNNING).await;
     assert_eq!(fx.manager.nodes().len(), 1);
-    assert_eq!(*fx.cloud.deleted.lock().unwrap(), ["iaas2", "iaas3"], "the last nodes go");
+    assert_eq!(
+        *fx.cloud.deleted.lock().unwrap(),
+        ["iaas2", "iaas3"],
+        "the last nodes go"
+    );
 }
 
 #[tokio::test]
@@ -282,8 +466,14 @@ async fn node_role_checks() {
     wait_state(&fx.manager, State::RUNNING).await;
     for (nodes, msg) in [
         (json!({"web": 1}), "Unknown role 'web' (roles: node)"),
-        (json!({"node": 0}), "The number of nodes must be greater than 0."),
-        (json!({"node": -1}), "Role 'node': negative number of nodes -1."),
+        (
+            json!({"node": 0}),
+            "The number of nodes must be greater than 0.",
+        ),
+        (
+            json!({"node": -1}),
+            "Role 'node': negative number of nodes -1.",
+        ),
         (json!({"node": "x"}), "Role 'node': 'x' is not an integer."),
     ] {
         let v = call(&fx.d, Verb::POST, "add_nodes", json!({"nodes": nodes})).await;
@@ -291,16 +481,37 @@ async fn node_role_checks() {
     }
     let v = call(&fx.d, Verb::POST, "add_nodes", json!({"nodes": 3})).await;
     assert_eq!(err(&v), "Parameter 'nodes': 3 is not a dict.");
-    let v = call(&fx.d, Verb::POST, "add_nodes", json!({"nodes": {"node": 1}, "extra": 1})).await;
+    let v = call(
+        &fx.d,
+        Verb::POST,
+        "add_nodes",
+        json!({"nodes": {"node": 1}, "extra": 1}),
+    )
+    .await;
     assert_eq!(err(&v), "Unexpected parameters: {\"extra\":1}.");
-    let v = call(&fx.d, Verb::POST, "add_nodes", json!({"nodes": {"node": 1}, "cloud": "mars"})).await;
+    let v = call(
+        &fx.d,
+        Verb::POST,
+        "add_nodes",
+        json!({"nodes": {"node": 1}, "cloud": "mars"}),
+    )
+    .await;
     assert_eq!(v["result"]["state"], "ADAPTING");
     wait_state(&fx.manager, State::ERROR).await;
     assert_eq!(fx.manager.state(), State::ERROR);
     let v = call(&fx.d, Verb::GET, "get_log", json!({})).await;
     assert_eq!(v["result"]["log"], "manager log line\n");
-    let v = call(&fx.d, Verb::GET, "get_log", json!({"filename": "/etc/passwd"})).await;
-    assert!(err(&v).starts_with("Unexpected parameters"), "no path argument");
+    let v = call(
+        &fx.d,
+        Verb::GET,
+        "get_log",
+        json!({"filename": "/etc/passwd"}),
+    )
+    .await;
+    assert!(
+        err(&v).starts_with("Unexpected parameters"),
+        "no path argument"
+    );
 }
 
 #[tokio::test]
@@ -308,7 +519,11 @@ async fn dead_node_is_replaced_and_deleted() {
     let fx = fixture(true, 1, 2);
     call(&fx.d, Verb::POST, "startup", json!({})).await;
     wait_state(&fx.manager, State::RUNNING).await;
-    assert_eq!(*fx.cloud.deleted.lock().unwrap(), ["iaas1"], "the dead node was deleted");
+    assert_eq!(
+        *fx.cloud.deleted.lock().unwrap(),
+        ["iaas1"],
+        "the dead node was deleted"
+    );
     let ids: Vec<String> = fx.manager.nodes().iter().map(|n| n.id.clone()).collect();
     assert_eq!(ids, ["iaas2"], "replaced by a fresh node");
     assert_eq!(fx.cloud.list_nodes().await.unwrap().len(), 1);
@@ -319,9 +534,24 @@ async fn retries_are_bounded() {
     let fx = fixture(true, 5, 1);
     call(&fx.d, Verb::POST, "startup", json!({})).await;
     wait_state(&fx.manager, State::ERROR).await;
-    assert_eq!(fx.cloud.deleted.lock().unwrap().len(), 2, "one try + one retry, both deleted");
+    assert_eq!(
+        fx.cloud.deleted.lock().unwrap().len(),
+        2,
+        "one try + one retry, both deleted"
+    );
     assert!(fx.cloud.list_nodes().await.unwrap().is_empty());
     let log = call(&fx.d, Verb::GET, "get_service_history", json!({})).await;
-    let last = log["result"]["state_log"].as_array().unwrap().last().unwrap().clone();
-    assert!(last["reason"].as_str().unwrap().contains("only 0 of 1 node(s) started (2 never answered"), "{last}");
+    let last = log["result"]["state_log"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("only 0 of 1 node(s) started (2 never answered"),
+        "{last}"
+    );
 }

@@ -31,7 +31,9 @@ fn arb_json() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
-        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null)),
+        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .unwrap_or(Value::Null)),
         ".{0,20}".prop_map(Value::String),
     ];
     leaf.prop_recursive(4, 64, 8, |inner| {
@@ -44,10 +46,19 @@ fn arb_json() -> impl Strategy<Value = Value> {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
-async fn status_of(d: &Arc<Dispatcher>, method: &str, uri: &str, ct: Option<&str>, body: Vec<u8>) -> (u16, Value) {
+async fn status_of(
+    d: &Arc<Dispatcher>,
+    method: &str,
+    uri: &str,
+    ct: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, Value) {
     let mut b = Request::builder().method(method).uri(uri);
     if let Some(ct) = ct {
         b = b.header("content-type", ct);

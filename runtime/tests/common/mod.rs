@@ -33,7 +33,15 @@ impl Pki {
         self.issue_with(name, &self.ca, role, uid, app, Validity::days(1))
     }
 
-    pub fn issue_with(&self, name: &str, ca: &Ca, role: Role, uid: u64, app: u64, v: Validity) -> CertPaths {
+    pub fn issue_with(
+        &self,
+        name: &str,
+        ca: &Ca,
+        role: Role,
+        uid: u64,
+        app: u64,
+        v: Validity,
+    ) -> CertPaths {
         let d = self.dir.path().join(name);
         std::fs::create_dir_all(&d).unwrap();
         let (cert, key) = ca.issue(&Identity { role, uid, app }, name, v).unwrap();
@@ -55,7 +63,10 @@ pub async fn serve(d: Dispatcher, server: &CertPaths, rule: PeerRule) -> SocketA
 }
 
 pub fn client(paths: &CertPaths, server_rule: PeerRule, addr: SocketAddr) -> RpcClient {
-    let mut c = RpcClient::new(pki::client_config(paths, server_rule).unwrap(), addr.to_string());
+    let mut c = RpcClient::new(
+        pki::client_config(paths, server_rule).unwrap(),
+        addr.to_string(),
+    );
     c.timeout = Duration::from_secs(20);
     c
 }
@@ -70,7 +81,10 @@ impl ChildGuard {
     /// Sends SIGTERM and waits up to `t` for the process to exit.
     pub fn terminate(&mut self, t: Duration) -> bool {
         if let Some(c) = self.0.as_mut() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let start = Instant::now();
             while start.elapsed() < t {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -116,7 +130,7 @@ where
 pub fn process_alive(pid: u32) -> bool {
     // A reaped process has no /proc entry; a zombie counts as dead.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"),
+        Ok(s) => !matches!(s.split_whitespace().nth(2), Some("Z")),
         Err(_) => false,
     }
 }
