@@ -6,7 +6,16 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const STAGES: [&str; 7] = ["debootstrap", "system", "kernel", "cloud", "finalize", "bootloader", "assemble"];
+const STAGES: [&str; 8] = [
+    "debootstrap",
+    "system",
+    "kernel",
+    "core",
+    "cloud",
+    "finalize",
+    "bootloader",
+    "assemble",
+];
 
 fn minimal(sb: &Sandbox, name: &str) -> Command {
     let mut c = sb.build();
@@ -27,7 +36,10 @@ fn debugfs_cat(image: &Path, file: &str) -> String {
 }
 
 fn no_qemu_for(image: &Path) -> bool {
-    let out = Command::new("pgrep").args(["-a", "-f", "qemu-system"]).output().unwrap();
+    let out = Command::new("pgrep")
+        .args(["-a", "-f", "qemu-system"])
+        .output()
+        .unwrap();
     !String::from_utf8_lossy(&out.stdout).contains(&*image.to_string_lossy())
 }
 
@@ -40,10 +52,20 @@ fn minimal_image_builds_is_cached_verifies_and_boots() {
     let img = sb.out().join("minimal.img");
     assert_eq!(
         files_in(&sb.out()),
-        ["MD5SUMS", "SHA256SUMS", "minimal.img", "minimal.img.build.log", "minimal.img.manifest.json"]
+        [
+            "MD5SUMS",
+            "SHA256SUMS",
+            "minimal.img",
+            "minimal.img.build.log",
+            "minimal.img.manifest.json"
+        ]
     );
     assert_clean(sb.path());
-    assert_eq!(files_in(&sb.state().join("work")), Vec::<String>::new(), "work dir not removed");
+    assert_eq!(
+        files_in(&sb.state().join("work")),
+        Vec::<String>::new(),
+        "work dir not removed"
+    );
 
     // Size as asked, sparse on disk.
     let meta = std::fs::metadata(&img).unwrap();
@@ -52,22 +74,43 @@ fn minimal_image_builds_is_cached_verifies_and_boots() {
     assert!(meta.blocks() * 512 < meta.len() / 2, "image is not sparse");
 
     // The manifest agrees with an independent md5sum and with the sums files.
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(sb.out().join("minimal.img.manifest.json")).unwrap()).unwrap();
-    let names: Vec<&str> = m["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(sb.out().join("minimal.img.manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let names: Vec<&str> = m["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, STAGES);
     let md5 = m["artefacts"][0]["md5"].as_str().unwrap().to_owned();
     let coreutils = Command::new("md5sum").arg(&img).output().unwrap();
     assert!(String::from_utf8_lossy(&coreutils.stdout).starts_with(&md5));
-    assert!(std::fs::read_to_string(sb.out().join("MD5SUMS")).unwrap().contains(&format!("{md5}  minimal.img")));
-    let pkgs: Vec<&str> = m["packages"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
-    assert!(pkgs.iter().any(|p| p.starts_with("linux-image-")), "no kernel in package list");
+    assert!(std::fs::read_to_string(sb.out().join("MD5SUMS"))
+        .unwrap()
+        .contains(&format!("{md5}  minimal.img")));
+    let pkgs: Vec<&str> = m["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(
+        pkgs.iter().any(|p| p.starts_with("linux-image-")),
+        "no kernel in package list"
+    );
     assert!(pkgs.iter().any(|p| p.starts_with("systemd-sysv=")));
 
     // Disk layout: MBR signature, one bootable partition at 1 MiB, root fs by UUID.
     let bytes = std::fs::read(&img).map(|b| b[..512].to_vec()).unwrap();
     assert_eq!(&bytes[510..], &[0x55, 0xAA]);
-    let sf = Command::new("sfdisk").arg("--json").arg(&img).output().unwrap();
+    let sf = Command::new("sfdisk")
+        .arg("--json")
+        .arg(&img)
+        .output()
+        .unwrap();
     let sf: serde_json::Value = serde_json::from_slice(&sf.stdout).unwrap();
     let part = &sf["partitiontable"]["partitions"][0];
     assert_eq!(part["start"], 2048);
@@ -84,14 +127,23 @@ fn minimal_image_builds_is_cached_verifies_and_boots() {
     assert_eq!(debugfs_cat(&img, "/etc/machine-id"), "");
 
     // The second plan shows the cached base.
-    let plan = run(mkimage().arg("plan").arg("--recipe").arg(fixture("recipes/good/minimal.toml")));
+    let plan = run(mkimage()
+        .arg("plan")
+        .arg("--recipe")
+        .arg(fixture("recipes/good/minimal.toml")));
     let plan_text = String::from_utf8_lossy(&plan.stdout);
-    let deb_line = plan_text.lines().find(|l| l.contains("debootstrap")).unwrap();
+    let deb_line = plan_text
+        .lines()
+        .find(|l| l.contains("debootstrap"))
+        .unwrap();
     assert!(deb_line.contains("cache hit"), "{deb_line}");
 
     // It boots to the readiness marker (under KVM where possible, else TCG).
     let t = Instant::now();
-    let boot = run(mkimage().arg("boot-test").arg(&img).args(["--timeout", "240"]));
+    let boot = run(mkimage()
+        .arg("boot-test")
+        .arg(&img)
+        .args(["--timeout", "240"]));
     assert!(boot.status.success(), "boot-test failed");
     let said = String::from_utf8_lossy(&boot.stdout);
     assert!(said.contains("ready after"), "{said}");
@@ -110,13 +162,20 @@ fn minimal_image_builds_is_cached_verifies_and_boots() {
     assert!(String::from_utf8_lossy(&v.stderr).contains("mismatch"));
     flip_byte(&img, 5 << 20);
     assert!(run(mkimage().arg("verify").arg(&img)).status.success());
-    let v = run(mkimage().arg("verify").arg(&img).args(["--md5", &"0".repeat(32)]));
+    let v = run(mkimage()
+        .arg("verify")
+        .arg(&img)
+        .args(["--md5", &"0".repeat(32)]));
     assert_eq!(v.status.code(), Some(1));
 }
 
 fn flip_byte(path: &Path, offset: u64) {
     use std::io::{Read, Seek, SeekFrom, Write};
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8; 1];
     f.seek(SeekFrom::Start(offset)).unwrap();
     f.read_exact(&mut b).unwrap();
@@ -130,12 +189,22 @@ fn flip_byte(path: &Path, offset: u64) {
 fn assert_failed_cleanly(sb: &Sandbox, out: &std::process::Output, stage: &str) {
     assert_eq!(out.status.code(), Some(1), "expected exit code 1");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("stage `{stage}` failed")), "stage not named: {err}");
+    assert!(
+        err.contains(&format!("stage `{stage}` failed")),
+        "stage not named: {err}"
+    );
     assert!(err.contains("full log:"), "log path not named");
     assert_clean(sb.path());
-    let left: Vec<String> = files_in(&sb.out()).into_iter().filter(|f| !f.ends_with(".build.log")).collect();
+    let left: Vec<String> = files_in(&sb.out())
+        .into_iter()
+        .filter(|f| !f.ends_with(".build.log"))
+        .collect();
     assert_eq!(left, Vec::<String>::new(), "files left in the output dir");
-    assert_eq!(files_in(&sb.state().join("work")), Vec::<String>::new(), "work dir left");
+    assert_eq!(
+        files_in(&sb.state().join("work")),
+        Vec::<String>::new(),
+        "work dir left"
+    );
 }
 
 #[test]
@@ -154,7 +223,8 @@ fn a_package_that_does_not_exist_fails_in_debootstrap_cleanly() {
     let _g = heavy();
     let sb = Sandbox::new();
     let mut c = sb.build();
-    c.arg("--recipe").arg(fixture("recipes/fail/no-such-package.toml"));
+    c.arg("--recipe")
+        .arg(fixture("recipes/fail/no-such-package.toml"));
     let out = run(&mut c);
     assert_failed_cleanly(&sb, &out, "debootstrap");
     assert!(String::from_utf8_lossy(&out.stderr).contains("mkimage-no-such-package"));
@@ -175,11 +245,16 @@ fn a_signal_in_the_middle_of_the_kernel_stage_releases_everything() {
         let t = Instant::now();
         let log = sb.out().join("sig.img.build.log");
         loop {
-            let in_kernel = std::fs::read_to_string(&log).map(|l| l.contains("[3/7] kernel")).unwrap_or(false);
+            let in_kernel = std::fs::read_to_string(&log)
+                .map(|l| l.contains("[3/8] kernel"))
+                .unwrap_or(false);
             if in_kernel && !mounts_under(sb.path()).is_empty() {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(300), "never reached the kernel stage");
+            assert!(
+                t.elapsed() < Duration::from_secs(300),
+                "never reached the kernel stage"
+            );
             assert!(child.try_wait().unwrap().is_none(), "build ended early");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -188,12 +263,20 @@ fn a_signal_in_the_middle_of_the_kernel_stage_releases_everything() {
         let status = child.wait().unwrap();
         let mut err = String::new();
         use std::io::Read;
-        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
         eprintln!("{err}");
         assert_eq!(status.code(), Some(130), "signal {sig}: {err}");
         assert!(err.contains("interrupted"));
         assert_clean(sb.path());
-        let left: Vec<String> = files_in(&sb.out()).into_iter().filter(|f| !f.ends_with(".build.log")).collect();
+        let left: Vec<String> = files_in(&sb.out())
+            .into_iter()
+            .filter(|f| !f.ends_with(".build.log"))
+            .collect();
         assert_eq!(left, Vec::<String>::new());
         assert_eq!(files_in(&sb.state().join("work")), Vec::<String>::new());
     }
@@ -205,6 +288,10 @@ mod nix_signal {
 }
 
 fn unsafe_kill(pid: u32, sig: i32) {
-    let st = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     assert!(st.success());
 }

@@ -112,7 +112,9 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
         .into());
     }
     let cache = Cache::new(&opts.cache_dir);
-    let planned = plan::plan(recipe, &cache);
+    let planned =
+        plan::plan(recipe, &cache).map_err(|e| crate::preflight::PreflightError(e.to_string()))?;
+    crate::preflight::check_repositories(&planned)?;
     let build_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
 
     std::fs::create_dir_all(&opts.output_dir)

@@ -230,7 +230,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
                 return Ok(());
             }
-            let planned = mkimage::plan::plan(&r, &cache);
+            let planned = mkimage::plan::plan(&r, &cache).map_err(bad_input)?;
             print!("{}", mkimage::plan::render(&r, &planned, &cache));
             if let Some(msg) = recipe::preflight_dist_message(&r) {
                 println!("\nnote: {msg}");
@@ -247,7 +247,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let r = input.load().map_err(bad_input)?;
             let cache = mkimage::cache::Cache::new(&cache_dir);
             if dry_run {
-                let planned = mkimage::plan::plan(&r, &cache);
+                let planned = mkimage::plan::plan(&r, &cache).map_err(bad_input)?;
                 print!("{}", mkimage::plan::render(&r, &planned, &cache));
                 return Ok(());
             }

@@ -25,8 +25,8 @@ pub fn base_packages(recipe: &Recipe) -> Vec<String> {
     p
 }
 
-/// The ordered stages for a recipe.
-pub fn stages(recipe: &Recipe) -> Vec<Stage> {
+/// The ordered stages for a recipe. Fails only when a service has no valid recipe.
+pub fn stages(recipe: &Recipe) -> Result<Vec<Stage>, crate::service::ServiceError> {
     let mut s = vec![
         Stage::Debootstrap(stage::debootstrap::Debootstrap {
             dist: recipe.dist.clone(),
@@ -49,6 +49,14 @@ pub fn stages(recipe: &Recipe) -> Vec<Stage> {
                 .unwrap_or_else(|| crate::recipe::default_kernel_package(recipe)),
         }));
     }
+    s.push(Stage::Core(stage::core::Core {
+        cps_binary: stage::core::find_cps_binary().unwrap_or_else(|| "cps".into()),
+        config_dir: stage::core::find_config_dir(),
+    }));
+    for name in &recipe.services {
+        let (recipe, text) = crate::service::load(name)?;
+        s.push(Stage::Service(stage::service::Service { recipe, text }));
+    }
     s.push(Stage::Cloud(stage::cloud::Cloud {
         cloud: recipe.cloud,
     }));
@@ -63,13 +71,13 @@ pub fn stages(recipe: &Recipe) -> Vec<Stage> {
             size_mib: recipe.size_mib,
         }));
     }
-    s
+    Ok(s)
 }
 
 /// Stages with chained keys and cache state.
-pub fn plan(recipe: &Recipe, cache: &Cache) -> Vec<Planned> {
+pub fn plan(recipe: &Recipe, cache: &Cache) -> Result<Vec<Planned>, crate::service::ServiceError> {
     let mut parent: Option<String> = None;
-    stages(recipe)
+    Ok(stages(recipe)?
         .into_iter()
         .map(|stage| {
             let ops = stage.ops();
@@ -78,7 +86,7 @@ pub fn plan(recipe: &Recipe, cache: &Cache) -> Vec<Planned> {
             parent = Some(key.clone());
             Planned { stage, key, cached }
         })
-        .collect()
+        .collect())
 }
 
 /// Human-readable plan, as `mkimage plan` prints it.
@@ -151,7 +159,7 @@ mod tests {
     }
 
     fn names(r: &Recipe) -> Vec<String> {
-        stages(r).iter().map(|s| s.ops().name()).collect()
+        stages(r).unwrap().iter().map(|s| s.ops().name()).collect()
     }
 
     #[test]
@@ -162,6 +170,7 @@ mod tests {
                 "debootstrap",
                 "system",
                 "kernel",
+                "core",
                 "cloud",
                 "finalize",
                 "bootloader",
@@ -171,29 +180,42 @@ mod tests {
     }
 
     #[test]
+    fn services_run_in_recipe_order_after_core() {
+        let mut r = recipe();
+        r.services = vec!["mysql".into(), "helloworld".into()];
+        let n = names(&r);
+        assert_eq!(&n[3..6], ["core", "service-mysql", "service-helloworld"]);
+        r.services = vec!["nosuch".into()];
+        assert!(stages(&r).is_err());
+    }
+
+    #[test]
     fn container_layout_has_no_kernel_or_bootloader() {
         let mut r = recipe();
         r.layout = Layout::Container;
-        assert_eq!(names(&r), ["debootstrap", "system", "cloud", "finalize"]);
+        assert_eq!(
+            names(&r),
+            ["debootstrap", "system", "core", "cloud", "finalize"]
+        );
     }
 
     #[test]
     fn keys_chain_so_a_change_invalidates_only_later_stages() {
         let d = tempfile::tempdir().unwrap();
         let cache = Cache::new(d.path());
-        let a = plan(&recipe(), &cache);
+        let a = plan(&recipe(), &cache).unwrap();
         let mut r = recipe();
         // EC2 and OpenStack share the cloud kernel: only later stages differ.
         r.cloud = Cloud::Ec2;
-        let b = plan(&r, &cache);
-        for i in 0..3 {
+        let b = plan(&r, &cache).unwrap();
+        for i in 0..4 {
             assert_eq!(a[i].key, b[i].key, "stage {i}");
         }
-        for i in 3..a.len() {
+        for i in 4..a.len() {
             assert_ne!(a[i].key, b[i].key, "stage {i}");
         }
         let mut r = recipe();
         r.mirror = "http://other.example/debian".into();
-        assert_ne!(plan(&r, &cache)[0].key, a[0].key);
+        assert_ne!(plan(&r, &cache).unwrap()[0].key, a[0].key);
     }
 }

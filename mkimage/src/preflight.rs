@@ -92,3 +92,49 @@ pub fn check_mirror_has_dist(mirror: &str, dist: &str) -> Result<(), PreflightEr
         s => Err(unreachable(format!("HTTP {s}"))),
     }
 }
+
+/// Every extra repository a service recipe declares must answer before the build
+/// starts: a service whose packages cannot be had fails here, naming the service
+/// and the repository, not after ten minutes of work.
+pub fn check_repositories(planned: &[crate::plan::Planned]) -> Result<(), PreflightError> {
+    for p in planned {
+        let crate::stage::Stage::Service(s) = &p.stage else {
+            continue;
+        };
+        for repo in &s.recipe.repositories {
+            let url = crate::service::release_url(repo);
+            let out = std::process::Command::new("curl")
+                .args([
+                    "-fsSI",
+                    "--max-time",
+                    "15",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                ])
+                .arg(&url)
+                .output();
+            let why = match out {
+                Ok(o) if o.status.success() => continue,
+                Ok(o) => {
+                    let code = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                    let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
+                    if err.is_empty() {
+                        format!("HTTP {code}")
+                    } else {
+                        err
+                    }
+                }
+                Err(e) => format!("cannot run curl: {e} (install the Debian package `curl`)"),
+            };
+            return Err(PreflightError(format!(
+                "service `{}` needs the repository `{}` ({}), which cannot be reached: {why}; \
+                 nothing was built. Its packages are not in Debian's archive: make the repository \
+                 reachable (or mirror it and point recipes/{}.toml at the mirror), or drop the service",
+                s.recipe.name, repo.name, repo.uri, s.recipe.name
+            )));
+        }
+    }
+    Ok(())
+}

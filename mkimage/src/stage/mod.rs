@@ -9,9 +9,11 @@
 pub mod assemble;
 pub mod bootloader;
 pub mod cloud;
+pub mod core;
 pub mod debootstrap;
 pub mod finalize;
 pub mod kernel;
+pub mod service;
 pub mod system;
 
 use crate::recipe::Recipe;
@@ -84,6 +86,8 @@ pub enum Stage {
     Debootstrap(debootstrap::Debootstrap),
     System(system::System),
     Kernel(kernel::Kernel),
+    Core(core::Core),
+    Service(service::Service),
     Cloud(cloud::Cloud),
     Finalize(finalize::Finalize),
     Bootloader(bootloader::Bootloader),
@@ -96,6 +100,8 @@ impl Stage {
             Stage::Debootstrap(s) => s,
             Stage::System(s) => s,
             Stage::Kernel(s) => s,
+            Stage::Core(s) => s,
+            Stage::Service(s) => s,
             Stage::Cloud(s) => s,
             Stage::Finalize(s) => s,
             Stage::Bootloader(s) => s,

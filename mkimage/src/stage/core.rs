@@ -1,0 +1,202 @@
+//! Stage `core`: the ConPaaS runtime baked into the image — the `cps` binary built
+//! from this workspace, its configuration templates, directories and log files,
+//! the first-boot contextualization unit, and an SSH server whose host keys are
+//! made at first boot (never at build time, so no two instances share them).
+
+use super::{Ctx, StageOps, StageResult};
+use crate::host::{ChrootSession, Cmd};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+/// Where the runtime binary is installed in the image.
+pub const CPS_PATH: &str = "usr/local/bin/cps";
+
+const CONTEXT_UNIT: &str = "[Unit]
+Description=ConPaaS contextualization (metadata, SSH key, user-data, agent or manager start)
+Wants=network-online.target
+After=network-online.target
+Before=ssh.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/bin/cps context apply
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// sshd refuses to start without host keys; make them right before it starts.
+const SSH_KEYGEN_DROPIN: &str = "[Service]
+ExecStartPre=
+ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/usr/sbin/sshd -t
+";
+
+pub const PACKAGES: &[&str] = &["openssh-server", "ca-certificates"];
+
+pub struct Core {
+    pub cps_binary: PathBuf,
+    pub config_dir: PathBuf,
+}
+
+/// Finds the `cps` binary: `MKIMAGE_CPS_BIN`, else next to this executable (cargo
+/// puts all workspace binaries in one directory), else on PATH.
+pub fn find_cps_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("MKIMAGE_CPS_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            for cand in [dir.join("cps"), dir.join("../cps")] {
+                if cand.is_file() {
+                    return Some(cand);
+                }
+            }
+        }
+    }
+    crate::host::fsutil::which("cps")
+}
+
+/// Finds the runtime's `config/` tree: `MKIMAGE_CONFIG_DIR`, else the workspace's.
+pub fn find_config_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("MKIMAGE_CONFIG_DIR") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config")
+}
+
+fn digest_file(p: &Path) -> String {
+    crate::verify::digest_file(p, |_| {})
+        .map(|d| d.sha256)
+        .unwrap_or_default()
+}
+
+fn digest_tree(dir: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(
+            f.strip_prefix(dir)
+                .unwrap_or(&f)
+                .to_string_lossy()
+                .as_bytes(),
+        );
+        h.update(std::fs::read(&f).unwrap_or_default());
+    }
+    hex::encode(h.finalize())
+}
+
+impl StageOps for Core {
+    fn name(&self) -> String {
+        "core".into()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "ConPaaS runtime {} + config, contextualization unit, openssh (keys at first boot)",
+            self.cps_binary.display()
+        )
+    }
+
+    fn inputs(&self) -> serde_json::Value {
+        json!({
+            "cps_sha256": digest_file(&self.cps_binary),
+            "config_sha256": digest_tree(&self.config_dir),
+            "packages": PACKAGES,
+            "context_unit": CONTEXT_UNIT,
+        })
+    }
+
+    fn check(&self, _ctx: &Ctx) -> StageResult {
+        if !self.cps_binary.is_file() {
+            anyhow::bail!(
+                "the runtime binary {} is missing: build it with `cargo build --release -p runtime` or set MKIMAGE_CPS_BIN",
+                self.cps_binary.display()
+            );
+        }
+        if !self.config_dir.join("agent").is_dir() {
+            anyhow::bail!(
+                "the runtime config tree {} is missing (set MKIMAGE_CONFIG_DIR)",
+                self.config_dir.display()
+            );
+        }
+        Ok(())
+    }
+
+    fn run(&self, ctx: &mut Ctx) -> StageResult {
+        let chroot = ChrootSession::enter(&ctx.rootfs)?;
+        super::fail_point("core")?;
+        chroot.cmd("apt-get").args(["-q", "update"]).run()?;
+        chroot.apt_install(&PACKAGES.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        // Host keys made by openssh-server's postinst would be shared by every
+        // instance of the image: remove them, they are made at first boot.
+        for e in std::fs::read_dir(ctx.root_path("etc/ssh"))?.flatten() {
+            if e.file_name().to_string_lossy().starts_with("ssh_host_") {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        // Root gets no usable password: log in with the cloud's SSH key.
+        chroot.cmd("passwd").args(["--lock", "root"]).run()?;
+        chroot.exit()?;
+
+        let cps = ctx.root_path(CPS_PATH);
+        std::fs::create_dir_all(cps.parent().unwrap())?;
+        // Debug builds carry ~100 MB of debug info the image does not need.
+        Cmd::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&cps)
+            .arg(&self.cps_binary)
+            .run()?;
+        let share = ctx.root_path("usr/share/cps/config");
+        if share.exists() {
+            crate::host::fsutil::remove_tree(&share)?;
+        }
+        std::fs::create_dir_all(share.parent().unwrap())?;
+        crate::cache::copy_tree(&self.config_dir, &share)?;
+
+        for role in ["agent", "manager"] {
+            for d in [
+                format!("etc/cps{role}"),
+                format!("var/tmp/cps{role}"),
+                format!("var/cache/cps{role}"),
+            ] {
+                std::fs::create_dir_all(ctx.root_path(&d))?;
+            }
+            ctx.write_file(&format!("var/log/cps{role}.log"), "")?;
+        }
+        // /var/run is a tmpfs: its directories are made at every boot.
+        ctx.write_file(
+            "usr/lib/tmpfiles.d/cps.conf",
+            "d /run/cpsagent 0755 root root -\nd /run/cpsmanager 0755 root root -\n",
+        )?;
+        ctx.write_file("etc/systemd/system/cps-context.service", CONTEXT_UNIT)?;
+        ctx.write_file(
+            "etc/systemd/system/ssh.service.d/mkimage-host-keys.conf",
+            SSH_KEYGEN_DROPIN,
+        )?;
+        let wants = ctx.root_path("etc/systemd/system/multi-user.target.wants");
+        std::fs::create_dir_all(&wants)?;
+        let link = wants.join("cps-context.service");
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink("/etc/systemd/system/cps-context.service", &link)?;
+        }
+        Ok(())
+    }
+}
