@@ -21,10 +21,18 @@ fn check_bad(dir: &str, flag: &str) {
         let path = e.path();
         let sb = Sandbox::new();
         let out = run(sb.build().arg(flag).arg(&path));
-        assert_eq!(out.status.code(), Some(2), "{}: expected exit code 2", path.display());
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{}: expected exit code 2",
+            path.display()
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         let name = path.file_name().unwrap().to_string_lossy().to_string();
-        assert!(err.contains(&name), "{name}: error does not name the file: {err}");
+        assert!(
+            err.contains(&name),
+            "{name}: error does not name the file: {err}"
+        );
         let want = expectation(&path);
         // The expectation reads `line N: key `K`: message`; each part must appear.
         for part in want.split(": ") {
@@ -32,7 +40,10 @@ fn check_bad(dir: &str, flag: &str) {
                 Some(n) => format!("{name}:{n}: "),
                 None => part.to_owned(),
             };
-            assert!(err.contains(&needle), "{name}: error lacks `{needle}`: {err}");
+            assert!(
+                err.contains(&needle),
+                "{name}: error lacks `{needle}`: {err}"
+            );
         }
         assert!(!sb.out().exists(), "{name}: output dir was created");
         assert!(!sb.state().exists(), "{name}: state dir was created");
@@ -57,17 +68,29 @@ fn bad_overrides_name_the_flag() {
     let out = run(sb.build().args(["--cloud", "azure"]));
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("command line") && err.contains("--cloud"), "{err}");
+    assert!(
+        err.contains("command line") && err.contains("--cloud"),
+        "{err}"
+    );
     assert!(!sb.out().exists());
 }
 
 #[test]
 fn the_original_default_cfg_plans_with_its_rules() {
-    let out = run(mkimage().arg("plan").arg("--config").arg(fixture("cfg/good/ec2-kvm.cfg")));
+    let out = run(mkimage()
+        .arg("plan")
+        .arg("--config")
+        .arg(fixture("cfg/good/ec2-kvm.cfg")));
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("warning:") && text.to_lowercase().contains("xen"), "{text}");
-    assert!(text.contains("menu.lst"), "ec2 plan has no PV-GRUB menu: {text}");
+    assert!(
+        text.contains("warning:") && text.to_lowercase().contains("xen"),
+        "{text}"
+    );
+    assert!(
+        text.contains("menu.lst"),
+        "ec2 plan has no PV-GRUB menu: {text}"
+    );
 }
 
 #[test]
@@ -77,13 +100,23 @@ fn a_dist_the_mirror_no_longer_carries_plans_but_fails_at_preflight() {
     assert!(plan.status.success(), "jessie must plan");
     assert!(String::from_utf8_lossy(&plan.stdout).contains("jessie"));
     // Build against the host's own mirror, which carries only current releases.
-    let mirror = mkimage::recipe::HostFacts::detect().mirror.expect("host has an apt mirror");
+    let mirror = mkimage::recipe::HostFacts::detect()
+        .mirror
+        .expect("host has an apt mirror");
     let sb = Sandbox::new();
     let t = std::time::Instant::now();
-    let out = run(sb.build().arg("--config").arg(&cfg).arg("--mirror").arg(&mirror));
+    let out = run(sb
+        .build()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--mirror")
+        .arg(&mirror));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("preflight") && err.contains("jessie") && err.contains(&mirror), "{err}");
+    assert!(
+        err.contains("preflight") && err.contains("jessie") && err.contains(&mirror),
+        "{err}"
+    );
     assert!(t.elapsed().as_secs() < 30, "preflight should fail fast");
     assert!(!sb.state().join("work").exists() || files_in(&sb.state().join("work")).is_empty());
     assert!(files_in(&sb.out()).iter().all(|f| !f.ends_with(".img")));

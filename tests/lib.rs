@@ -7,7 +7,10 @@ use std::sync::{Mutex, MutexGuard};
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 pub fn fixture(rel: &str) -> PathBuf {
@@ -18,7 +21,10 @@ pub fn fixture(rel: &str) -> PathBuf {
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test>-<hash>
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir");
     let p = profile_dir.join(name);
     assert!(
         p.exists(),
@@ -65,7 +71,10 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
 
 /// Loop devices whose backing file lies below `dir`.
 pub fn loops_under(dir: &Path) -> Vec<String> {
-    let out = Command::new("losetup").args(["-a", "-n", "-O", "NAME,BACK-FILE"]).output().unwrap();
+    let out = Command::new("losetup")
+        .args(["-a", "-n", "-O", "NAME,BACK-FILE"])
+        .output()
+        .unwrap();
     let dir = dir.to_string_lossy().to_string();
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -76,14 +85,28 @@ pub fn loops_under(dir: &Path) -> Vec<String> {
 
 /// Asserts nothing of a build under `root` is mounted or attached.
 pub fn assert_clean(root: &Path) {
-    assert_eq!(mounts_under(root), Vec::<String>::new(), "mounts left under {}", root.display());
-    assert_eq!(loops_under(root), Vec::<String>::new(), "loop devices left for {}", root.display());
+    assert_eq!(
+        mounts_under(root),
+        Vec::<String>::new(),
+        "mounts left under {}",
+        root.display()
+    );
+    assert_eq!(
+        loops_under(root),
+        Vec::<String>::new(),
+        "loop devices left for {}",
+        root.display()
+    );
 }
 
 /// Files in a directory, by name.
 pub fn files_in(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -97,9 +120,18 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn new() -> Sandbox {
-        let base = std::env::var_os("MKIMAGE_TEST_TMP").map(PathBuf::from).unwrap_or_else(|| "/var/tmp".into());
+        let base = std::env::var_os("MKIMAGE_TEST_TMP")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/var/tmp".into());
         std::fs::create_dir_all(&base).unwrap();
-        Sandbox { dir: Some(tempfile::Builder::new().prefix("mkimage-e2e-").tempdir_in(base).unwrap()) }
+        Sandbox {
+            dir: Some(
+                tempfile::Builder::new()
+                    .prefix("mkimage-e2e-")
+                    .tempdir_in(base)
+                    .unwrap(),
+            ),
+        }
     }
     pub fn path(&self) -> &Path {
         self.dir.as_ref().unwrap().path()
@@ -113,7 +145,10 @@ impl Sandbox {
     /// `mkimage build` with this sandbox's state and output dirs.
     pub fn build(&self) -> Command {
         let mut c = mkimage();
-        c.arg("build").arg("-o").arg(self.out()).env("MKIMAGE_STATE_DIR", self.state());
+        c.arg("build")
+            .arg("-o")
+            .arg(self.out())
+            .env("MKIMAGE_STATE_DIR", self.state());
         c
     }
 }
@@ -124,7 +159,10 @@ impl Drop for Sandbox {
         // take the host's device nodes with it): keep the directory instead.
         if let Some(d) = self.dir.take() {
             if !mounts_under(d.path()).is_empty() {
-                eprintln!("leaving {} in place: something is still mounted below it", d.path().display());
+                eprintln!(
+                    "leaving {} in place: something is still mounted below it",
+                    d.path().display()
+                );
                 let _ = d.keep();
             }
         }

@@ -16,5 +16,6 @@ pub mod plan;
 pub mod preflight;
 pub mod preinstall;
 pub mod recipe;
+pub mod service;
 pub mod stage;
 pub mod verify;
