@@ -280,6 +280,18 @@ mod tests {
         assert!(!s.contains("PRIVATE KEY"));
         assert!(s.contains("-----BEGIN CERTIFICATE-----\nABC"));
         assert!(tree.render_script(&vars(), "nosuchcloud").is_err());
+        // a manager VM's context renders too
+        let mut m = vars();
+        m.role = Role::Manager;
+        m.startup_script = None;
+        let s = tree.render_script(&m, "openstack").unwrap();
+        let cfg = &s[s.find("cat <<EOF").unwrap()..];
+        assert!(
+            cfg.contains("[manager]")
+                && cfg.contains("LOG_FILE = $LOG_FILE")
+                && cfg.contains("CA_DIR = $ETC/ca")
+        );
+        assert!(s.contains("LOG_FILE=/var/log/cpsmanager.log") && s.contains("$CPS manager -c"));
         // the script is valid shell
         let out = std::process::Command::new("bash")
             .arg("-n")

@@ -23,6 +23,8 @@ pub struct Controller {
     pub poll: Duration,
     pub boot_timeout: Duration,
     pub max_retries: u32,
+    /// The user's startup script (UPLOAD `upload_startup_script`), run by new nodes at boot.
+    pub startup_script: std::sync::Mutex<Option<String>>,
 }
 
 /// Result of [`Controller::create_nodes`].
@@ -43,6 +45,7 @@ impl Controller {
     fn node_vars(&self, name: &str) -> NodeVars {
         let mut v = self.base_vars.clone();
         v.node_id = name.to_string();
+        v.startup_script = self.startup_script.lock().expect("script lock").clone();
         v.role = Role::Agent;
         v.token = self.enroller.mint(
             name,

@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::args::{is_dict, is_string, Args};
+use crate::args::{is_dict, is_string, is_uploaded_file, Args};
 use crate::cloud::ServiceNode;
 use crate::config::Ini;
 use crate::controller::{join_all, Controller};
@@ -428,6 +428,29 @@ impl Manager {
         Ok(json!({"helloworld": lines.join("\n")}))
     }
 
+    /// UPLOAD: the user's startup script, put into the context of nodes created from now on.
+    async fn upload_startup_script(&self, p: Params) -> RpcResult {
+        let mut a = Args::new(p);
+        let (filename, content) = a.req("script", is_uploaded_file)?;
+        a.finish()?;
+        *self.controller.startup_script.lock().expect("script lock") = Some(content);
+        Ok(json!({"filename": filename}))
+    }
+
+    async fn get_startup_script(&self, p: Params) -> RpcResult {
+        Args::new(p).finish()?;
+        match self
+            .controller
+            .startup_script
+            .lock()
+            .expect("script lock")
+            .clone()
+        {
+            Some(s) => Ok(json!(s)),
+            None => Err(RpcError::new("No startup script")),
+        }
+    }
+
     /// Deletes every node (shutdown).
     pub async fn shutdown(&self) {
         let nodes = std::mem::take(&mut self.inner.lock().expect("state lock").nodes);
@@ -441,6 +464,7 @@ impl Exposed for Manager {
             GET check_process, GET get_service_info, GET get_service_history, GET get_log,
             GET list_nodes, GET get_node_info, GET get_agent_log,
             POST startup, POST add_nodes, POST remove_nodes, POST stop,
+            UPLOAD upload_startup_script, GET get_startup_script,
         });
         if self.service_type == "helloworld" {
             expose!(m, self, { GET get_helloworld });
@@ -608,6 +632,7 @@ pub async fn start(cfg: &ManagerConfig) -> Result<Running> {
         poll: cfg.poll,
         boot_timeout: cfg.boot_timeout,
         max_retries: cfg.max_retries,
+        startup_script: std::sync::Mutex::new(None),
     });
     let manager = Manager::new(&cfg.service_type, cfg.log_file.clone(), controller);
     manager

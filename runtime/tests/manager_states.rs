@@ -29,6 +29,7 @@ struct FakeCloud {
     dead: AtomicU32,
     nodes: Mutex<BTreeMap<String, (ServiceNode, tokio::task::JoinHandle<()>)>>,
     deleted: Mutex<Vec<String>>,
+    scripts: Mutex<Vec<Option<String>>>,
 }
 
 #[async_trait]
@@ -41,6 +42,10 @@ impl Cloud for FakeCloud {
     }
     async fn create_node(&self, req: NodeRequest) -> anyhow::Result<ServiceNode> {
         self.gate.acquire().await?.forget();
+        self.scripts
+            .lock()
+            .unwrap()
+            .push(req.vars.startup_script.clone());
         let vmid = self.next.fetch_add(1, Ordering::SeqCst).to_string();
         let dead = self
             .dead
@@ -156,6 +161,7 @@ fn fixture(open_gate: bool, dead: u32, max_retries: u32) -> Fx {
         dead: AtomicU32::new(dead),
         nodes: Mutex::new(BTreeMap::new()),
         deleted: Mutex::new(Vec::new()),
+        scripts: Mutex::new(Vec::new()),
     });
     let enroller = Arc::new(Enroller::new(
         Ca::load(&pki.ca_dir()).unwrap(),
@@ -195,6 +201,7 @@ fn fixture(open_gate: bool, dead: u32, max_retries: u32) -> Fx {
         poll: Duration::from_millis(100),
         boot_timeout: Duration::from_millis(1500),
         max_retries,
+        startup_script: Mutex::new(None),
     });
     let manager = Manager::new("helloworld", pki.dir.path().join("manager.log"), controller);
     std::fs::write(pki.dir.path().join("manager.log"), "manager log line\n").unwrap();
@@ -553,5 +560,50 @@ async fn retries_are_bounded() {
             .unwrap()
             .contains("only 0 of 1 node(s) started (2 never answered"),
         "{last}"
+    );
+}
+
+#[tokio::test]
+async fn uploaded_startup_script_reaches_new_nodes() {
+    let fx = fixture(true, 0, 0);
+    let v = call(&fx.d, Verb::GET, "get_startup_script", json!({})).await;
+    assert_eq!(err(&v), "No startup script");
+    call(&fx.d, Verb::POST, "startup", json!({})).await;
+    wait_state(&fx.manager, State::RUNNING).await;
+    // UPLOAD only
+    let v = call(&fx.d, Verb::POST, "upload_startup_script", json!({})).await;
+    assert_eq!(err(&v), "Method not found");
+    let v = call(
+        &fx.d,
+        Verb::UPLOAD,
+        "upload_startup_script",
+        json!({"script": "not a file"}),
+    )
+    .await;
+    assert_eq!(err(&v), "Parameter 'script': is not an uploaded file.");
+    let script = json!({"filename": "startup.sh", "content": "echo from-user"});
+    let v = call(
+        &fx.d,
+        Verb::UPLOAD,
+        "upload_startup_script",
+        json!({"script": script}),
+    )
+    .await;
+    assert_eq!(v["result"], json!({"filename": "startup.sh"}));
+    assert_eq!(
+        call(&fx.d, Verb::GET, "get_startup_script", json!({})).await["result"],
+        "echo from-user"
+    );
+    call(
+        &fx.d,
+        Verb::POST,
+        "add_nodes",
+        json!({"nodes": {"node": 1}}),
+    )
+    .await;
+    wait_state(&fx.manager, State::RUNNING).await;
+    assert_eq!(
+        *fx.cloud.scripts.lock().unwrap(),
+        [None, Some("echo from-user".to_string())]
     );
 }
