@@ -109,6 +109,16 @@ impl Manager {
         Self::record(&mut i, s, reason);
     }
 
+    /// Sets the final state of a background operation unless `stop` took over meanwhile.
+    fn finish_op(&self, during: State, s: State, reason: &str) {
+        let mut i = self.inner.lock().expect("state lock");
+        if i.state == during {
+            Self::record(&mut i, s, reason);
+        } else {
+            tracing::info!("not moving to {s} ({reason}): state is now {}", i.state);
+        }
+    }
+
     fn record(i: &mut Inner, s: State, reason: &str) {
         tracing::info!("state {} -> {s}: {reason}", i.state);
         i.state = s;
@@ -240,8 +250,16 @@ impl Manager {
             let n = nodes.len();
             me.inner.lock().expect("state lock").nodes.extend(nodes);
             match problem {
-                None => me.set_state(State::RUNNING, &format!("Started with {n} node(s)")),
-                Some(p) => me.set_state(State::ERROR, &format!("Startup failed: {p}")),
+                None => me.finish_op(
+                    State::PROLOGUE,
+                    State::RUNNING,
+                    &format!("Started with {n} node(s)"),
+                ),
+                Some(p) => me.finish_op(
+                    State::PROLOGUE,
+                    State::ERROR,
+                    &format!("Startup failed: {p}"),
+                ),
             }
         });
         Ok(json!({"state": State::PROLOGUE}))
@@ -266,8 +284,16 @@ impl Manager {
             let n = nodes.len();
             me.inner.lock().expect("state lock").nodes.extend(nodes);
             match problem {
-                None => me.set_state(State::RUNNING, &format!("Added {n} node(s)")),
-                Some(p) => me.set_state(State::ERROR, &format!("Adding nodes failed: {p}")),
+                None => me.finish_op(
+                    State::ADAPTING,
+                    State::RUNNING,
+                    &format!("Added {n} node(s)"),
+                ),
+                Some(p) => me.finish_op(
+                    State::ADAPTING,
+                    State::ERROR,
+                    &format!("Adding nodes failed: {p}"),
+                ),
             }
         });
         Ok(json!({"state": State::ADAPTING}))

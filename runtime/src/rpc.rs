@@ -22,7 +22,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -456,6 +455,3 @@ pub async fn serve_tls(
         });
     }
 }
-
-/// Body type used by the router (re-exported for tests).
-pub type RouterBody = Body;

@@ -607,3 +607,30 @@ async fn uploaded_startup_script_reaches_new_nodes() {
         [None, Some("echo from-user".to_string())]
     );
 }
+
+#[tokio::test]
+async fn stop_during_startup_wins() {
+    let fx = fixture(false, 0, 0);
+    call(&fx.d, Verb::POST, "startup", json!({})).await;
+    assert_eq!(fx.manager.state(), State::PROLOGUE);
+    assert_eq!(
+        call(&fx.d, Verb::POST, "stop", json!({})).await["result"]["state"],
+        "EPILOGUE"
+    );
+    let v = call(&fx.d, Verb::POST, "stop", json!({})).await;
+    assert!(err(&v).starts_with("Wrong state to stop: service is EPILOGUE"));
+    fx.cloud.gate.add_permits(100);
+    wait_state(&fx.manager, State::STOPPED).await;
+    assert!(
+        fx.cloud.list_nodes().await.unwrap().is_empty(),
+        "the node started meanwhile is deleted"
+    );
+    let states: Vec<String> = call(&fx.d, Verb::GET, "get_service_history", json!({})).await
+        ["result"]["state_log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(states, ["INIT", "PROLOGUE", "EPILOGUE", "STOPPED"]);
+}
