@@ -258,11 +258,14 @@ fn valid_package(p: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.:".contains(&b));
-    let rest_ok = rest.map_or(true, |r| {
-        !r.is_empty()
-            && r.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"+-.~:_".contains(&b))
-    });
+    let rest_ok = match rest {
+        None => true,
+        Some(r) => {
+            !r.is_empty()
+                && r.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+-.~:_".contains(&b))
+        }
+    };
     name_ok && rest_ok
 }
 

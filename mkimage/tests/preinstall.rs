@@ -582,7 +582,7 @@ fn hostile_app_dir_cannot_reach_outside() {
     // /opt/app holds exactly the safe part of the app.
     let got: Vec<String> = tree(&out_m.at("/opt/app"), Path::new(""))
         .into_iter()
-        .map(|(p, meta)| format!("{} {}", p.display(), meta.split(' ').last().unwrap()))
+        .map(|(p, meta)| format!("{} {}", p.display(), meta.rsplit(' ').next().unwrap()))
         .collect::<Vec<_>>();
     let mut got = got;
     got.sort();
