@@ -6,6 +6,7 @@
 //!   `cps manager` process over mTLS on loopback (target p99 < 50 ms), measured twice:
 //!   on 1000 established keep-alive connections ("warm"), and with a fresh TLS connection
 //!   per call ("cold", handshake included, as the original client did).
+//!   The load generator is single-threaded; the manager has two worker threads.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -101,11 +102,8 @@ fn main() {
     issue(&ca, &d.join("agent/certs"), Role::Agent);
     let mgr_certs = issue(&ca, &d.join("mgr"), Role::Manager);
     let user_certs = issue(&ca, &d.join("user"), Role::User);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    // The load generator runs on one thread, so that it leaves a core to the manager.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
 
     // ---- agent RSS ----
     let aport = free_port();
