@@ -145,6 +145,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
         fs_uuid: uuid::Uuid::new_v4().to_string(),
         disk: Some(pending.path().to_owned()),
         kernel_version: None,
+        disk_size_mib: None,
     };
 
     let stages = run_stages(&planned, &mut ctx, &cache, opts, &log_path)?;

@@ -25,6 +25,26 @@ pub fn base_packages(recipe: &Recipe) -> Vec<String> {
     p
 }
 
+/// Packages pruning keeps (with their dependency closure): the base set, the
+/// runtime's, the kernel, and every enabled service's packages and keep-list.
+pub fn prune_roots(recipe: &Recipe) -> Vec<String> {
+    let mut r = base_packages(recipe);
+    r.extend(stage::core::PACKAGES.iter().map(|s| s.to_string()));
+    if recipe.layout != Layout::Container {
+        r.push(crate::recipe::kernel_package(recipe));
+        r.push("initramfs-tools".into());
+    }
+    for name in &recipe.services {
+        if let Ok((s, _)) = crate::service::load(name) {
+            r.extend(s.packages);
+            r.extend(s.keep);
+        }
+    }
+    r.sort();
+    r.dedup();
+    r
+}
+
 /// The ordered stages for a recipe. Fails only when a service has no valid recipe.
 pub fn stages(recipe: &Recipe) -> Result<Vec<Stage>, crate::service::ServiceError> {
     let mut s = vec![
@@ -57,6 +77,11 @@ pub fn stages(recipe: &Recipe) -> Result<Vec<Stage>, crate::service::ServiceErro
         let (recipe, text) = crate::service::load(name)?;
         s.push(Stage::Service(stage::service::Service { recipe, text }));
     }
+    if recipe.optimize {
+        s.push(Stage::Optimize(stage::optimize::Optimize {
+            roots: prune_roots(recipe),
+        }));
+    }
     s.push(Stage::Cloud(stage::cloud::Cloud {
         cloud: recipe.cloud,
     }));
@@ -67,6 +92,12 @@ pub fn stages(recipe: &Recipe) -> Result<Vec<Stage>, crate::service::ServiceErro
             hypervisor: recipe.hypervisor,
             dist: recipe.dist.clone(),
         }));
+        if recipe.optimize {
+            s.push(Stage::Resize(stage::resize::Resize {
+                headroom_mib: stage::resize::DEFAULT_HEADROOM_MIB,
+                max_mib: recipe.size_mib,
+            }));
+        }
         s.push(Stage::Assemble(stage::assemble::Assemble {
             size_mib: recipe.size_mib,
         }));
@@ -187,6 +218,32 @@ mod tests {
         assert_eq!(&n[3..6], ["core", "service-mysql", "service-helloworld"]);
         r.services = vec!["nosuch".into()];
         assert!(stages(&r).is_err());
+    }
+
+    #[test]
+    fn optimize_prunes_after_services_and_resizes_before_assembly() {
+        let mut r = recipe();
+        r.optimize = true;
+        r.services = vec!["helloworld".into()];
+        assert_eq!(
+            names(&r),
+            [
+                "debootstrap",
+                "system",
+                "kernel",
+                "core",
+                "service-helloworld",
+                "optimize",
+                "cloud",
+                "finalize",
+                "bootloader",
+                "resize",
+                "assemble"
+            ]
+        );
+        let roots = prune_roots(&r);
+        assert!(roots.contains(&"openssh-server".to_string()));
+        assert!(roots.contains(&"linux-image-cloud-amd64".to_string()));
     }
 
     #[test]

@@ -53,13 +53,13 @@ impl StageOps for Assemble {
             .disk
             .clone()
             .ok_or_else(|| anyhow::anyhow!("no output path for the disk image"))?;
-        let total = self.size_mib * 1024 * 1024;
+        let total = ctx.disk_size_mib.unwrap_or(self.size_mib) * 1024 * 1024;
         let need = crate::host::fsutil::tree_size(&ctx.rootfs);
         if need + need / 10 + 64 * 1024 * 1024 > total {
             anyhow::bail!(
                 "the image tree needs about {} MiB but the disk is {} MiB: raise `size`",
                 need / 1024 / 1024 + need / 10 / 1024 / 1024 + 64,
-                self.size_mib
+                total >> 20
             );
         }
         create_sparse(&disk, total)?;
@@ -83,6 +83,11 @@ impl StageOps for Assemble {
             .run()?;
         super::fail_point("assemble")?;
         install_grub(&disk, &ctx.fs_uuid, &ctx.work)?;
+        // A read-only full check of what was just written, before it can become output.
+        Cmd::new("e2fsck")
+            .args(["-f", "-n"])
+            .arg(format!("{}?offset={PART_OFFSET}", disk.display()))
+            .run()?;
         Ok(())
     }
 }

@@ -13,6 +13,8 @@ pub mod core;
 pub mod debootstrap;
 pub mod finalize;
 pub mod kernel;
+pub mod optimize;
+pub mod resize;
 pub mod service;
 pub mod system;
 
@@ -32,6 +34,8 @@ pub struct Ctx<'a> {
     pub fs_uuid: String,
     /// Where the disk image is being written (a temporary name beside the output).
     pub disk: Option<PathBuf>,
+    /// Disk size decided by the resize stage (MiB); the recipe's size otherwise.
+    pub disk_size_mib: Option<u64>,
     /// Kernel version installed by the kernel stage (e.g. `6.1.0-28-cloud-amd64`).
     pub kernel_version: Option<String>,
 }
@@ -88,6 +92,8 @@ pub enum Stage {
     Kernel(kernel::Kernel),
     Core(core::Core),
     Service(service::Service),
+    Optimize(optimize::Optimize),
+    Resize(resize::Resize),
     Cloud(cloud::Cloud),
     Finalize(finalize::Finalize),
     Bootloader(bootloader::Bootloader),
@@ -102,6 +108,8 @@ impl Stage {
             Stage::Kernel(s) => s,
             Stage::Core(s) => s,
             Stage::Service(s) => s,
+            Stage::Optimize(s) => s,
+            Stage::Resize(s) => s,
             Stage::Cloud(s) => s,
             Stage::Finalize(s) => s,
             Stage::Bootloader(s) => s,
