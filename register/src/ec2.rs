@@ -176,14 +176,18 @@ pub struct Ec2Registration {
     pub build_id: String,
 }
 
-struct Clients {
-    ec2: aws_sdk_ec2::Client,
-    ebs: aws_sdk_ebs::Client,
-    s3: aws_sdk_s3::Client,
-    region: String,
+/// The SDK clients configured from the AWS chain plus [`Ec2Options`]
+/// (endpoint, region, credentials, retries; path-style S3 with a custom endpoint).
+#[derive(Debug, Clone)]
+pub struct Clients {
+    pub ec2: aws_sdk_ec2::Client,
+    pub ebs: aws_sdk_ebs::Client,
+    pub s3: aws_sdk_s3::Client,
+    pub region: String,
 }
 
-async fn clients(opts: &Ec2Options) -> Result<Clients, RegisterError> {
+/// Builds the SDK clients the way [`register_ec2`] does.
+pub async fn clients(opts: &Ec2Options) -> Result<Clients, RegisterError> {
     use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(Provider::Rustls(CryptoMode::Ring))
@@ -1048,17 +1052,27 @@ async fn s3_import(
                 let code = aws_sdk_ec2::error::ProvideErrorMetadata::code(&e)
                     .unwrap_or("")
                     .to_string();
+                let status = resp.status().as_u16();
+                // moto answers actions it lacks with a bare HTML 500 page; AWS
+                // always answers with an XML error document that has a code.
+                let not_aws_error = status == 500 && code.is_empty() && !body.contains("<Response");
                 if body.contains("not been implemented")
                     || code == "NotImplemented"
-                    || resp.status().as_u16() == 501
+                    || status == 501
+                    || not_aws_error
                 {
+                    let body = if not_aws_error {
+                        "HTTP 500 without an AWS error document (what moto answers for actions it does not implement)".to_string()
+                    } else {
+                        format!("HTTP {status}: {}", body.trim())
+                    };
                     return Err(RegisterError::NotImplemented {
                         call: "ImportSnapshot".into(),
                         endpoint: opts
                             .endpoint_url
                             .clone()
                             .unwrap_or_else(|| format!("EC2 in {}", c.region)),
-                        message: format!("HTTP {}: {}", resp.status().as_u16(), body.trim()),
+                        message: body,
                     });
                 }
             }

@@ -154,7 +154,10 @@ pub struct Recorded {
 impl Recorded {
     pub fn path(&self) -> &str {
         let after_scheme = self.url.split("://").nth(1).unwrap_or(&self.url);
-        let p = after_scheme.find('/').map(|i| &after_scheme[i..]).unwrap_or("/");
+        let p = after_scheme
+            .find('/')
+            .map(|i| &after_scheme[i..])
+            .unwrap_or("/");
         p.split('?').next().unwrap_or(p)
     }
 
@@ -242,15 +245,12 @@ impl MotoServer {
 
     /// Every request recorded so far (moto's `/moto-api/recorder/download-recording`).
     pub async fn recorded(&self) -> Vec<Recorded> {
-        let text = reqwest::get(format!(
-            "{}/moto-api/recorder/download-recording",
-            self.url
-        ))
-        .await
-        .expect("download-recording")
-        .text()
-        .await
-        .expect("recording text");
+        let text = reqwest::get(format!("{}/moto-api/recorder/download-recording", self.url))
+            .await
+            .expect("download-recording")
+            .text()
+            .await
+            .expect("recording text");
         text.lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| {
@@ -427,7 +427,10 @@ impl Keystone {
         .env("OS_KEYSTONE_CONFIG_FILES", &conf);
         let mut server = Server::spawn("keystone (gunicorn)", cmd, d.join("keystone.log"));
         server
-            .wait_http(&format!("http://127.0.0.1:{port}/v3"), Duration::from_secs(90))
+            .wait_http(
+                &format!("http://127.0.0.1:{port}/v3"),
+                Duration::from_secs(90),
+            )
             .await;
         Keystone {
             port,
@@ -565,8 +568,10 @@ impl Glance {
             ks.api(
                 Method::POST,
                 "/endpoints",
-                Some(json!({"endpoint": {"service_id": svc_id, "interface": interface,
-                    "url": url, "region_id": REGION}})),
+                Some(
+                    json!({"endpoint": {"service_id": svc_id, "interface": interface,
+                    "url": url, "region_id": REGION}}),
+                ),
             )
             .await;
         }
