@@ -30,6 +30,18 @@ pub enum Readiness {
     /// A TCP connection to this host port (forwarded into the guest) is accepted and
     /// the check function returns true.
     Probe(Duration, fn(u16) -> bool, u16),
+    /// A shell command that exits 0 once the guest is ready (e.g. a `cps client`
+    /// call of the agent's check method over mutual TLS on a forwarded port).
+    Command(String),
+}
+
+/// A guest connection to `guest_ip:guest_port` is relayed to `host` (an address on
+/// the host, usually 127.0.0.1:PORT) by `mkimage relay`, one process per connection.
+#[derive(Debug, Clone)]
+pub struct GuestForward {
+    pub guest_ip: String,
+    pub guest_port: u16,
+    pub host: String,
 }
 
 #[derive(Debug, Clone)]
@@ -46,6 +58,8 @@ pub struct BootOptions {
     pub serial_log: PathBuf,
     /// Extra read-only drives (config drives, seed images).
     pub extra_drives: Vec<PathBuf>,
+    /// Guest-to-host forwards (metadata service, manager enrolment endpoint).
+    pub guest_forwards: Vec<GuestForward>,
     /// How long a KVM guest may stay silent before we switch to TCG.
     pub kvm_grace: Duration,
 }
@@ -63,6 +77,7 @@ impl BootOptions {
             forwards: vec![],
             serial_log: serial_log.to_owned(),
             extra_drives: vec![],
+            guest_forwards: vec![],
             kvm_grace: Duration::from_secs(25),
         }
     }
@@ -198,6 +213,18 @@ pub fn qemu_args(opts: &BootOptions, kvm: bool) -> Vec<String> {
     for (h, g) in &opts.forwards {
         net.push_str(&format!(",hostfwd=tcp:127.0.0.1:{h}-:{g}"));
     }
+    if !opts.guest_forwards.is_empty() {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("mkimage"));
+        for f in &opts.guest_forwards {
+            net.push_str(&format!(
+                ",guestfwd=tcp:{}:{}-cmd:{} relay {}",
+                f.guest_ip,
+                f.guest_port,
+                exe.display(),
+                f.host
+            ));
+        }
+    }
     a.extend([
         "-netdev".into(),
         net,
@@ -278,6 +305,14 @@ fn attempt(
         let ready = match &opts.ready {
             Readiness::SerialMarker(m) => serial_text(&opts.serial_log).contains(m.as_str()),
             Readiness::Probe(_, f, port) => f(*port),
+            Readiness::Command(c) => std::process::Command::new("sh")
+                .args(["-c", c])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false),
         };
         if ready && on_ready(&mut q) {
             return Ok(Attempt::Ready(elapsed.as_secs_f64()));
@@ -298,6 +333,7 @@ fn attempt(
         }
         let pause = match &opts.ready {
             Readiness::Probe(p, _, _) => *p,
+            Readiness::Command(_) => Duration::from_secs(1),
             _ => Duration::from_millis(200),
         };
         std::thread::sleep(pause);
@@ -385,5 +421,16 @@ mod tests {
         assert!(a.contains("tcg,thread=multi"));
         assert!(a.contains("file:/x/serial.log"));
         assert!(qemu_args(&o, true).join(" ").contains("-accel kvm"));
+        o.guest_forwards = vec![GuestForward {
+            guest_ip: "169.254.169.254".into(),
+            guest_port: 80,
+            host: "127.0.0.1:9".into(),
+        }];
+        let a = qemu_args(&o, false).join(" ");
+        assert!(a.contains(",guestfwd=tcp:169.254.169.254:80-cmd:"), "{a}");
+        assert!(
+            a.ends_with("relay 127.0.0.1:9 -device virtio-net-pci,netdev=n0"),
+            "{a}"
+        );
     }
 }

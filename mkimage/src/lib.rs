@@ -8,6 +8,7 @@
 pub mod boot;
 pub mod build;
 pub mod cache;
+pub mod context;
 pub mod disk;
 pub mod host;
 pub mod logging;

@@ -113,7 +113,24 @@ software hypervisor) TCG is used and the reason is printed."
         /// Serial console log (default: IMAGE.serial.log).
         #[arg(long)]
         serial_log: Option<PathBuf>,
+        /// Contextualization data: a user-data file, or a directory with user_data,
+        /// meta_data.json and/or ssh_key.pub.
+        #[arg(long)]
+        context: Option<PathBuf>,
+        /// How the guest gets the context: an OpenStack config drive, or an EC2
+        /// metadata service (IMDSv2) at 169.254.169.254.
+        #[arg(long, value_enum, default_value = "configdrive")]
+        context_via: ContextVia,
+        /// Ready when this shell command exits 0 (polled every second), instead of the serial marker.
+        #[arg(long)]
+        ready_command: Option<String>,
+        /// Relay guest connections to IP:PORT to a host address, e.g. 10.0.2.100:4443=127.0.0.1:4443.
+        #[arg(long, value_parser = parse_guest_forward)]
+        guest_forward: Vec<mkimage::boot::GuestForward>,
     },
+    /// Relay stdin/stdout to a TCP address (qemu runs this for guest forwards).
+    #[command(hide = true)]
+    Relay { addr: String },
     /// Print the JSON Schema of the TOML recipe format.
     Schema,
 }
@@ -156,6 +173,26 @@ struct InputArgs {
     /// Prune and shrink the image (true/false).
     #[arg(long)]
     optimize: Option<bool>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ContextVia {
+    Configdrive,
+    Ec2,
+}
+
+fn parse_guest_forward(s: &str) -> Result<mkimage::boot::GuestForward, String> {
+    let (g, h) = s
+        .split_once('=')
+        .ok_or("expected GUEST_IP:PORT=HOST:PORT")?;
+    let (ip, port) = g.rsplit_once(':').ok_or("expected GUEST_IP:PORT")?;
+    Ok(mkimage::boot::GuestForward {
+        guest_ip: ip.to_string(),
+        guest_port: port
+            .parse()
+            .map_err(|_| format!("bad guest port `{port}`"))?,
+        host: h.to_string(),
+    })
 }
 
 fn parse_forward(s: &str) -> Result<(u16, u16), String> {
@@ -323,6 +360,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 Err(e) => Err(bad_input(e)),
             }
         }
+        Command::Relay { addr } => mkimage::context::relay(&addr)
+            .map_err(|e| (EXIT_FAILED, format!("relay to {addr}: {e}"))),
         Command::BootTest {
             image,
             format,
@@ -332,6 +371,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             ready_marker,
             forward,
             serial_log,
+            context,
+            context_via,
+            ready_command,
+            guest_forward,
         } => {
             if !image.exists() {
                 return Err(bad_input(format!("{}: no such image", image.display())));
@@ -346,8 +389,37 @@ fn run(cli: Cli) -> Result<(), Failure> {
             o.accel = accel;
             o.timeout = Duration::from_secs(timeout);
             o.memory_mib = memory;
-            o.ready = mkimage::boot::Readiness::SerialMarker(ready_marker);
+            o.ready = match ready_command {
+                Some(c) => mkimage::boot::Readiness::Command(c),
+                None => mkimage::boot::Readiness::SerialMarker(ready_marker),
+            };
             o.forwards = forward;
+            o.guest_forwards = guest_forward;
+            // Held until the boot test ends: the config drive's temp dir, the metadata server.
+            let work = tempfile::tempdir().map_err(|e| (EXIT_FAILED, e.to_string()))?;
+            let mut _imds = None;
+            if let Some(ctx) = &context {
+                let data =
+                    mkimage::context::InstanceData::from_path(ctx, "conpaas").map_err(bad_input)?;
+                match context_via {
+                    ContextVia::Configdrive => {
+                        let iso = work.path().join("config-2.iso");
+                        mkimage::context::make_config_drive(&data, &iso, work.path())
+                            .map_err(|e| (EXIT_FAILED, format!("config drive: {e:#}")))?;
+                        o.extra_drives.push(iso);
+                    }
+                    ContextVia::Ec2 => {
+                        let imds = mkimage::context::Imds::start(data)
+                            .map_err(|e| (EXIT_FAILED, e.to_string()))?;
+                        o.guest_forwards.push(mkimage::boot::GuestForward {
+                            guest_ip: "169.254.169.254".into(),
+                            guest_port: 80,
+                            host: format!("127.0.0.1:{}", imds.port()),
+                        });
+                        _imds = Some(imds);
+                    }
+                }
+            }
             eprintln!(
                 "booting {} under qemu (serial log {})",
                 image.display(),
