@@ -131,6 +131,8 @@ software hypervisor) TCG is used and the reason is printed."
     /// Relay stdin/stdout to a TCP address (qemu runs this for guest forwards).
     #[command(hide = true)]
     Relay { addr: String },
+    /// Put an application (and packages) into a copy of an existing image, safely.
+    Preinstall(mkimage::preinstall::PreinstallArgs),
     /// Print the JSON Schema of the TOML recipe format.
     Schema,
 }
@@ -252,6 +254,18 @@ fn bad_input(e: impl std::fmt::Display) -> Failure {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Preinstall(args) => match mkimage::preinstall::run(&args) {
+            Ok(rep) => {
+                println!("{}", rep.output.display());
+                eprintln!(
+                    "preinstalled into {} (manifest {})",
+                    rep.output.display(),
+                    rep.manifest.display()
+                );
+                Ok(())
+            }
+            Err(e) => Err((e.exit_code(), e.to_string())),
+        },
         Command::Schema => {
             println!("{}", recipe::json_schema());
             Ok(())
