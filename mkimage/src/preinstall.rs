@@ -89,8 +89,14 @@ pub struct PreinstallArgs {
     /// Expected SHA-256 of IMAGE.
     #[arg(long, value_name = "HEX", conflicts_with_all = ["manifest", "no_verify"])]
     pub sha256: Option<String>,
-    /// Check IMAGE against a manifest (default IMAGE.manifest.json).
-    #[arg(long, value_name = "PATH", num_args = 0..=1, conflicts_with = "no_verify")]
+    /// Check IMAGE against a manifest: `--manifest` for IMAGE.manifest.json, `--manifest=PATH` for another.
+    #[arg(
+        long,
+        value_name = "PATH",
+        num_args = 0..=1,
+        require_equals = true,
+        conflicts_with = "no_verify"
+    )]
     pub manifest: Option<Option<PathBuf>>,
     /// Proceed without any digest check (when none is given or found beside IMAGE).
     #[arg(long)]
@@ -535,12 +541,13 @@ fn run_in_chroot(
     root: &ImageDir,
     c: &Checked,
     fail_at: Option<&str>,
+    progress: bool,
 ) -> Result<(), PreinstallError> {
     check_chroot_dirs(root).map_err(step("chroot"))?;
     let session = ChrootSession::enter(mount).map_err(step("chroot"))?;
     if !c.packages.is_empty() {
         let spin = bar(
-            true,
+            progress,
             None,
             format!("apt-get install {}", c.packages.join(" ")),
         );
@@ -594,7 +601,7 @@ fn run_in_chroot(
             "cd \"$1\" && exec /bin/sh \"$2\""
         };
         tracing::info!("running {name} in the image");
-        let spin = bar(true, None, format!("running {name} in the image"));
+        let spin = bar(progress, None, format!("running {name} in the image"));
         let res = session
             .cmd("/usr/bin/env")
             .arg(format!("MKIMAGE_APP_DIR={}", c.dest.display()))
@@ -609,6 +616,30 @@ fn run_in_chroot(
     }
     session.exit().map_err(step("leaving the chroot"))?;
     Ok(())
+}
+
+/// The file size `--grow` asks for (the current size when not growing).
+fn grow_target(layout: &Layout, size: u64, grow: Option<Grow>) -> Result<u64, PreinstallError> {
+    let target = match grow {
+        None => return Ok(size),
+        Some(Grow::By(n)) => size.saturating_add(n),
+        Some(Grow::To(n)) => n,
+    };
+    if target < size {
+        return Err(bad(format!(
+            "--grow: the image is already {} MiB; shrinking is not supported",
+            size >> 20
+        )));
+    }
+    if target % 512 != 0 {
+        return Err(bad("--grow: the size must be a multiple of 512 bytes"));
+    }
+    if target > size && !layout.root_is_last() {
+        return Err(bad(
+            "--grow: the root partition is not the last one on the disk, so it cannot grow",
+        ));
+    }
+    Ok(target)
 }
 
 /// Preinstalls APP_DIR (and packages, and a script) into a copy of IMAGE.
@@ -656,6 +687,13 @@ pub fn run(args: &PreinstallArgs) -> Result<PreinstallReport, PreinstallError> {
         }
     };
 
+    // A raw input can be inspected in place, so a layout or --grow problem is
+    // reported before anything is written.
+    if info.format == "raw" {
+        let layout = disk::detect_layout(&c.image).map_err(|e| bad(format!("{e:#}")))?;
+        grow_target(&layout, info.virtual_size, c.grow)?;
+    }
+
     // 2. The working copy. From here on the guards clean up.
     let out_dir = c.output.parent().unwrap_or(Path::new(".")).to_owned();
     let out_name = c
@@ -698,40 +736,20 @@ pub fn run(args: &PreinstallArgs) -> Result<PreinstallReport, PreinstallError> {
     // 4. Grow.
     let size_before = std::fs::metadata(&raw).map_err(step("grow"))?.len();
     let mut grown_by = 0;
-    if let Some(g) = c.grow {
-        let target = match g {
-            Grow::By(n) => size_before + n,
-            Grow::To(n) => n,
-        };
-        if target < size_before {
-            return Err(bad(format!(
-                "--grow: the image is already {} MiB; shrinking is not supported",
-                size_before >> 20
-            )));
+    let target = grow_target(&layout, size_before, c.grow)?;
+    if target > size_before {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&raw)
+            .map_err(step("grow"))?;
+        f.set_len(target).map_err(step("grow"))?;
+        drop(f);
+        if let Layout::Partitioned { table, .. } = &layout {
+            let n = layout.root_partition().expect("partitioned").number;
+            disk::grow_partition_to_end(&raw, table, n).map_err(step("growing the partition"))?;
         }
-        if target % 512 != 0 {
-            return Err(bad("--grow: the size must be a multiple of 512 bytes"));
-        }
-        if target > size_before {
-            if !layout.root_is_last() {
-                return Err(bad(
-                    "--grow: the root partition is not the last one on the disk, so it cannot grow",
-                ));
-            }
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&raw)
-                .map_err(step("grow"))?;
-            f.set_len(target).map_err(step("grow"))?;
-            drop(f);
-            if let Layout::Partitioned { table, .. } = &layout {
-                let n = layout.root_partition().expect("partitioned").number;
-                disk::grow_partition_to_end(&raw, table, n)
-                    .map_err(step("growing the partition"))?;
-            }
-            layout = disk::detect_layout(&raw).map_err(step("grow"))?;
-            grown_by = target - size_before;
-        }
+        layout = disk::detect_layout(&raw).map_err(step("grow"))?;
+        grown_by = target - size_before;
     }
 
     // 5. Loop device and mount.
@@ -768,7 +786,7 @@ pub fn run(args: &PreinstallArgs) -> Result<PreinstallReport, PreinstallError> {
 
     // 7. Packages and script.
     if !c.packages.is_empty() || c.script.is_some() {
-        run_in_chroot(&mnt_dir, &root, &c, fail_at)?;
+        run_in_chroot(&mnt_dir, &root, &c, fail_at, args.progress)?;
     }
     checkpoint(fail_at, "after-chroot")?;
     let dpkg_real = root.open_path(Path::new("/var/lib/dpkg"), false).is_ok();
@@ -1110,6 +1128,13 @@ mod tests {
             .clone()
             .try_get_matches_from(["preinstall", "a.img", "app", "--md5", "x", "--no-verify"])
             .is_err());
+        let m = cmd
+            .clone()
+            .try_get_matches_from(["preinstall", "--manifest=m.json", "a.img", "app"])
+            .unwrap();
+        let a = PreinstallArgs::from_arg_matches(&m).unwrap();
+        assert_eq!(a.manifest, Some(Some(PathBuf::from("m.json"))));
+        assert_eq!(a.image, Path::new("a.img"));
         let help = cmd.clone().render_long_help().to_string();
         assert!(help.contains("Examples:"), "{help}");
     }

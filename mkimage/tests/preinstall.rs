@@ -156,6 +156,11 @@ impl Drop for Case {
 /// Byte range of the root filesystem (found independently of the code under test:
 /// the first partition of `sfdisk --json`, or the whole file).
 fn root_range(img: &Path) -> (u64, u64) {
+    part_range(img, 0)
+}
+
+/// Byte range of partition `index` (0-based), or the whole file without a table.
+fn part_range(img: &Path, index: usize) -> (u64, u64) {
     let out = Command::new("sfdisk")
         .arg("--json")
         .arg(img)
@@ -166,7 +171,7 @@ fn root_range(img: &Path) -> (u64, u64) {
         return (0, size);
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let p = &v["partitiontable"]["partitions"][0];
+    let p = &v["partitiontable"]["partitions"][index];
     (
         p["start"].as_u64().unwrap() * 512,
         p["size"].as_u64().unwrap() * 512,
@@ -182,6 +187,10 @@ struct RoMount {
 impl RoMount {
     fn new(img: &Path) -> RoMount {
         let (off, len) = root_range(img);
+        RoMount::range(img, off, len)
+    }
+
+    fn range(img: &Path, off: u64, len: u64) -> RoMount {
         let lo = mkimage::host::LoopDevice::attach(img, off, Some(len), true).unwrap();
         let dir = tempfile::Builder::new()
             .prefix("ro-")
@@ -482,8 +491,27 @@ fn wrong_or_missing_digest_is_refused_and_nothing_written() {
     assert_eq!(e.exit_code(), 1, "{e}");
     assert_eq!(names(case.path()), before);
 
-    // No digest anywhere: refused as bad input unless --no-verify.
+    // So is an explicit --manifest.
+    let mut a = args(&case.image());
+    a.manifest = Some(Some(manifest.clone()));
+    assert_eq!(preinstall::run(&a).unwrap_err().exit_code(), 1);
+
+    // Without a manifest, MD5SUMS beside the image is used.
     std::fs::remove_file(&manifest).unwrap();
+    let name = case
+        .image()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let sums = case.path().join("MD5SUMS");
+    std::fs::write(&sums, format!("{}  {name}\n", "0".repeat(32))).unwrap();
+    let e = preinstall::run(&args(&case.image())).unwrap_err();
+    assert_eq!(e.exit_code(), 1, "{e}");
+    assert!(e.to_string().contains("MD5"), "{e}");
+    std::fs::remove_file(&sums).unwrap();
+
+    // No digest anywhere: refused as bad input unless --no-verify.
     let before = names(case.path());
     let e = preinstall::run(&args(&case.image())).unwrap_err();
     assert_eq!(e.exit_code(), 2, "{e}");
@@ -503,6 +531,113 @@ fn wrong_or_missing_digest_is_refused_and_nothing_written() {
     a.no_verify = true;
     a.output = Some(case.image());
     assert_eq!(preinstall::run(&a).unwrap_err().exit_code(), 2);
+    assert_eq!(names(case.path()), before);
+
+    // A qcow2 overlay would make us read its backing file: refused.
+    let overlay = case.path().join("overlay.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(case.image())
+        .arg(&overlay));
+    let before = names(case.path());
+    let mut a = args(&overlay);
+    a.no_verify = true;
+    let e = preinstall::run(&a).unwrap_err();
+    assert_eq!(e.exit_code(), 2, "{e}");
+    assert_eq!(names(case.path()), before);
+}
+
+/// A GPT disk: partition 1 an ext4 `data` filesystem, partition 2 the root
+/// filesystem of the base image (name and label `root`) — or the other way round.
+fn gpt_image(case: &Case, name: &str, root_first: bool) -> PathBuf {
+    const LINUX: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+    let (base_off, root_len) = root_range(&case.image());
+    let data_len = 16 * MIB;
+    let img = case.path().join(name);
+    let total = MIB + data_len + root_len + MIB;
+    std::fs::File::create(&img).unwrap().set_len(total).unwrap();
+    let (first, second) = if root_first {
+        (("root", root_len), ("data", data_len))
+    } else {
+        (("data", data_len), ("root", root_len))
+    };
+    let script = format!(
+        "label: gpt\nstart=2048, size={}, type={LINUX}, name={}\nsize={}, type={LINUX}, name={}\n",
+        first.1 / 512,
+        first.0,
+        second.1 / 512,
+        second.0
+    );
+    let out = Command::new("sfdisk")
+        .args(["-q", "--no-reread", "--no-tell-kernel"])
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(script.as_bytes())?;
+            c.wait()
+        })
+        .unwrap();
+    assert!(out.success());
+    let (data_i, root_i) = if root_first { (1, 0) } else { (0, 1) };
+    let (data_off, _) = part_range(&img, data_i);
+    let (root_off, len) = part_range(&img, root_i);
+    assert_eq!(len, root_len);
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "data", "-E"])
+        .arg(format!("offset={data_off}"))
+        .arg(&img)
+        .arg(format!("{}k", data_len / 1024)));
+    run(Command::new("dd")
+        .arg(format!("if={}", case.image().display()))
+        .arg(format!("of={}", img.display()))
+        .args(["bs=1M", "conv=sparse,notrunc", "status=none"])
+        .arg(format!("skip={}", base_off / MIB))
+        .arg(format!("seek={}", root_off / MIB))
+        .arg(format!("count={}", root_len / MIB)));
+    img
+}
+
+#[test]
+fn gpt_root_found_by_label_and_grown_only_when_last() {
+    let case = Case::new();
+    let img = gpt_image(&case, "gpt.img", false);
+    let mut a = args(&img);
+    a.no_verify = true;
+    a.grow = Some("+64M".into());
+    let rep = preinstall::run(&a).unwrap_or_else(|e| panic!("preinstall: {e}"));
+    assert!(
+        rep.layout
+            .starts_with("gpt partition table, root is partition 2"),
+        "{}",
+        rep.layout
+    );
+    assert_eq!(rep.grown_by, 64 * MIB);
+    run(Command::new("sfdisk").arg("--verify").arg(&rep.output));
+    let (off, len) = part_range(&rep.output, 1);
+    let (_, old_len) = part_range(&img, 1);
+    assert!(len >= old_len + 63 * MIB, "{old_len} -> {len}");
+    assert!(rep.fs_bytes_after >= rep.fs_bytes_before + 63 * MIB);
+    {
+        let m = RoMount::range(&rep.output, off, len);
+        assert!(m.at("/opt/app/bin/hello").is_file());
+    }
+    // The data partition was left alone.
+    let (doff, dlen) = part_range(&rep.output, 0);
+    let m = RoMount::range(&rep.output, doff, dlen);
+    assert_eq!(names(m.root()), ["lost+found"]);
+    drop(m);
+
+    // Root first, another partition after it: growing is refused, nothing written.
+    let img = gpt_image(&case, "gpt-root-first.img", true);
+    let before = names(case.path());
+    let mut a = args(&img);
+    a.no_verify = true;
+    a.grow = Some("+64M".into());
+    let e = preinstall::run(&a).unwrap_err();
+    assert_eq!(e.exit_code(), 2, "{e}");
+    assert!(e.to_string().contains("not the last"), "{e}");
     assert_eq!(names(case.path()), before);
 }
 
