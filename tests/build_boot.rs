@@ -295,3 +295,36 @@ fn unsafe_kill(pid: u32, sig: i32) {
         .unwrap();
     assert!(st.success());
 }
+
+/// qcow2, VDI and VMDK are converted from the finished raw image: each passes
+/// `qemu-img check`, compares identical to the raw one, and has its own sums.
+#[test]
+fn other_formats_are_identical_to_the_raw_image() {
+    let _g = heavy();
+    let sb = Sandbox::new();
+    let out = run(minimal(&sb, "fmt.img").args(["--format", "raw,qcow2,vdi,vmdk"]));
+    assert!(out.status.success());
+    let raw = sb.out().join("fmt.img");
+    let md5sums = std::fs::read_to_string(sb.out().join("MD5SUMS")).unwrap();
+    for ext in ["qcow2", "vdi", "vmdk"] {
+        let f = sb.out().join(format!("fmt.{ext}"));
+        assert!(f.exists(), "no {ext}");
+        let fmt = if ext == "vmdk" { "vmdk" } else { ext };
+        let check = run(Command::new("qemu-img").args(["check", "-f", fmt]).arg(&f));
+        assert!(check.status.success(), "qemu-img check {ext}");
+        let cmp = run(Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", fmt])
+            .arg(&raw)
+            .arg(&f));
+        assert!(cmp.status.success(), "{ext} differs from the raw image");
+        assert!(
+            md5sums.contains(&format!("  fmt.{ext}")),
+            "no MD5SUMS line for {ext}"
+        );
+        assert!(
+            run(mkimage().arg("verify").arg(&f)).status.success(),
+            "verify {ext}"
+        );
+    }
+    assert_clean(sb.path());
+}

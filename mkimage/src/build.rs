@@ -6,7 +6,7 @@ use crate::host::fsutil::{self, PendingFile};
 use crate::host::signals;
 use crate::manifest::{Artefact, Manifest, StageRecord};
 use crate::plan::{self, Planned};
-use crate::recipe::{Layout, Recipe};
+use crate::recipe::{Cloud, Layout, OutputFormat, Recipe};
 use crate::stage::Ctx;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -159,27 +159,73 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
         })?;
     }
     let packages = installed_packages(&ctx.rootfs);
-    let stage_err = |stage: &str, source: anyhow::Error| BuildError::Stage {
-        stage: stage.into(),
-        source,
-        log: log_path.clone(),
-    };
-    crate::stage::fail_point("output").map_err(|e| stage_err("output", e))?;
-    let digests = crate::verify::digest_file(pending.path(), |_| {}).map_err(|e| {
+    let stage_err = |stage: &str, source: anyhow::Error| {
         if signals::interrupted() {
             BuildError::Interrupted {
                 signal: signals::signal().unwrap_or(2),
                 log: log_path.clone(),
             }
         } else {
-            stage_err("output", e.into())
+            BuildError::Stage {
+                stage: stage.into(),
+                source,
+                log: log_path.clone(),
+            }
         }
-    })?;
-    let image = pending
-        .commit()
-        .map_err(|e| stage_err("output", e.into()))?;
-    let (size, allocated) = fsutil::sizes(&image).map_err(|e| stage_err("output", e.into()))?;
-    let name = recipe.filename.clone();
+    };
+    crate::stage::fail_point("output").map_err(|e| stage_err("output", e))?;
+
+    // Every other format is converted from the finished raw image before anything is
+    // renamed into place, so all artefacts appear together or none does.
+    let formats = output_formats(recipe);
+    let raw_format = if recipe.layout == Layout::Container {
+        "ext4"
+    } else {
+        "raw"
+    };
+    let mut outputs: Vec<(PendingFile, &'static str)> = Vec::new();
+    for f in &formats {
+        let (ext, fmt) = match f {
+            OutputFormat::Raw => continue,
+            OutputFormat::Qcow2 => ("qcow2", "qcow2"),
+            OutputFormat::Vdi => ("vdi", "vdi"),
+            OutputFormat::Vmdk => ("vmdk", "vmdk"),
+            OutputFormat::Tar => ("tar.zst", "tar.zst"),
+        };
+        let out = PendingFile::new(&opts.output_dir.join(artefact_name(&recipe.filename, ext)));
+        convert(pending.path(), &ctx.rootfs, out.path(), fmt)
+            .map_err(|e| stage_err("output", e))?;
+        outputs.push((out, fmt));
+    }
+    let mut all: Vec<(PendingFile, &'static str)> = Vec::new();
+    if formats.contains(&OutputFormat::Raw) {
+        all.push((pending, raw_format));
+    }
+    all.extend(outputs);
+    let mut artefacts = Vec::new();
+    for (p, fmt) in &all {
+        let d = crate::verify::digest_file(p.path(), |_| {})
+            .map_err(|e| stage_err("output", e.into()))?;
+        let (size, allocated) =
+            fsutil::sizes(p.path()).map_err(|e| stage_err("output", e.into()))?;
+        artefacts.push(Artefact {
+            file: p
+                .dest()
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+            format: fmt.to_string(),
+            size,
+            allocated,
+            md5: d.md5,
+            sha256: d.sha256,
+        });
+    }
+    let mut paths = Vec::new();
+    for (p, _) in all {
+        paths.push(p.commit().map_err(|e| stage_err("output", e.into()))?);
+    }
     let manifest = Manifest {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         build_id: build_id.clone(),
@@ -188,42 +234,38 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
         recipe: serde_json::to_value(recipe).unwrap_or_default(),
         stages: stages.clone(),
         packages,
-        artefacts: vec![Artefact {
-            file: name.clone(),
-            format: if recipe.layout == Layout::Container {
-                "ext4".into()
-            } else {
-                "raw".into()
-            },
-            size,
-            allocated,
-            md5: digests.md5.clone(),
-            sha256: digests.sha256.clone(),
-        }],
+        artefacts: artefacts.clone(),
         registrations: vec![],
     };
-    let manifest_path = Manifest::path_for(&image);
-    manifest
-        .store(&manifest_path)
-        .map_err(|e| stage_err("output", e))?;
-    crate::verify::update_sums_file(&opts.output_dir.join("MD5SUMS"), &name, &digests.md5)
-        .and_then(|_| {
-            crate::verify::update_sums_file(
-                &opts.output_dir.join("SHA256SUMS"),
-                &name,
-                &digests.sha256,
-            )
-        })
-        .map_err(|e| stage_err("output", e.into()))?;
+    for (path, a) in paths.iter().zip(&artefacts) {
+        manifest
+            .store(&Manifest::path_for(path))
+            .map_err(|e| stage_err("output", e))?;
+        crate::verify::update_sums_file(&opts.output_dir.join("MD5SUMS"), &a.file, &a.md5)
+            .and_then(|_| {
+                crate::verify::update_sums_file(
+                    &opts.output_dir.join("SHA256SUMS"),
+                    &a.file,
+                    &a.sha256,
+                )
+            })
+            .map_err(|e| stage_err("output", e.into()))?;
+    }
     drop(work_guard);
     let seconds = started.elapsed().as_secs_f64();
-    tracing::info!(
-        "built {} in {seconds:.1} s: {} MiB apparent, {} MiB allocated, md5 {}",
-        image.display(),
-        size / 1024 / 1024,
-        allocated / 1024 / 1024,
-        digests.md5
-    );
+    for a in &artefacts {
+        tracing::info!(
+            "wrote {}: {} MiB apparent, {} MiB allocated, md5 {}",
+            a.file,
+            a.size >> 20,
+            a.allocated >> 20,
+            a.md5
+        );
+    }
+    tracing::info!("build {build_id} finished in {seconds:.1} s");
+    let image = paths[0].clone();
+    let (size, allocated) = (artefacts[0].size, artefacts[0].allocated);
+    let manifest_path = Manifest::path_for(&image);
     crate::logging::close_build_log();
     Ok(BuildReport {
         image,
@@ -320,6 +362,65 @@ fn run_stages(
     Ok(records)
 }
 
+/// The formats to write: the recipe's, with VirtualBox's VDI added for `cloud = vbox`.
+pub fn output_formats(recipe: &Recipe) -> Vec<OutputFormat> {
+    let mut f = recipe.formats.clone();
+    if f.is_empty() {
+        f.push(OutputFormat::Raw);
+    }
+    if recipe.cloud == Cloud::Vbox && !f.contains(&OutputFormat::Vdi) {
+        f.push(OutputFormat::Vdi);
+    }
+    f
+}
+
+/// `conpaas.img` + `qcow2` -> `conpaas.qcow2`.
+pub fn artefact_name(filename: &str, ext: &str) -> String {
+    let stem = filename
+        .strip_suffix(".img")
+        .or_else(|| filename.rsplit_once('.').map(|(s, _)| s))
+        .unwrap_or(filename);
+    format!("{stem}.{ext}")
+}
+
+/// Writes one artefact from the raw image (or, for tar, from the tree).
+fn convert(raw: &Path, tree: &Path, out: &Path, format: &str) -> anyhow::Result<()> {
+    use crate::host::Cmd;
+    match format {
+        "tar.zst" => Cmd::new("tar")
+            .args(["--zstd", "--numeric-owner", "--xattrs", "--acls", "-C"])
+            .arg(tree)
+            .arg("-cf")
+            .arg(out)
+            .arg(".")
+            .run()?,
+        "qcow2" => Cmd::new("qemu-img")
+            .args(["convert", "-c", "-f", "raw", "-O", "qcow2"])
+            .arg(raw)
+            .arg(out)
+            .run()?,
+        "vmdk" => Cmd::new("qemu-img")
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=streamOptimized",
+            ])
+            .arg(raw)
+            .arg(out)
+            .run()?,
+        other => Cmd::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", other])
+            .arg(raw)
+            .arg(out)
+            .run()?,
+    }
+    Ok(())
+}
+
 fn spinner(enabled: bool, msg: String) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
@@ -405,6 +506,16 @@ fn now_rfc3339() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn artefact_names_swap_the_extension() {
+        assert_eq!(
+            super::artefact_name("conpaas.img", "qcow2"),
+            "conpaas.qcow2"
+        );
+        assert_eq!(super::artefact_name("x.raw", "vdi"), "x.vdi");
+        assert_eq!(super::artefact_name("plain", "tar.zst"), "plain.tar.zst");
+    }
+
     #[test]
     fn rfc3339_shape() {
         let s = super::now_rfc3339();
