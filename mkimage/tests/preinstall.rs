@@ -802,3 +802,76 @@ fn grow_enlarges_file_partition_and_filesystem() {
     let mnt = RoMount::new(&rep.output);
     assert!(mnt.at("/opt/app/bin/hello").is_file());
 }
+
+const CHILD_IMAGE: &str = "MKIMAGE_PREINSTALL_CHILD_IMAGE";
+const CHILD_RESULT: &str = "MKIMAGE_PREINSTALL_CHILD_RESULT";
+
+/// Runs a preinstall in a child process for `sigint_releases_everything`; does
+/// nothing in a normal test run (a signal would end this whole test process's work).
+#[test]
+fn interrupted_child() {
+    let (Some(img), Some(result)) = (
+        std::env::var_os(CHILD_IMAGE),
+        std::env::var_os(CHILD_RESULT),
+    ) else {
+        return;
+    };
+    let mut a = args(Path::new(&img));
+    a.no_verify = true;
+    a.packages = vec!["tree".into()];
+    a.run_script = Some(fixture("apps/hello-setup.sh"));
+    let code = match preinstall::run(&a) {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("child: {e}");
+            e.exit_code()
+        }
+    };
+    std::fs::write(result, code.to_string()).unwrap();
+}
+
+#[test]
+fn sigint_releases_everything() {
+    let case = Case::new();
+    let input_sha = sha256(&case.image());
+    let before = names(case.path());
+    let result_dir = tempfile::tempdir().unwrap();
+    let result = result_dir.path().join("code");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "interrupted_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(CHILD_IMAGE, case.image())
+        .env(CHILD_RESULT, &result)
+        .spawn()
+        .unwrap();
+    // Interrupt once the image is mounted.
+    let d = case.path().to_string_lossy().into_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        if mi.contains(&d) {
+            break;
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("the child ended ({st}) before mounting the image");
+        }
+        assert!(std::time::Instant::now() < deadline, "never mounted");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.success(), "child test failed: {st}");
+    assert_eq!(std::fs::read_to_string(&result).unwrap(), "130");
+    assert_clean(case.path());
+    assert_eq!(names(case.path()), before);
+    assert_eq!(sha256(&case.image()), input_sha, "input modified");
+}
