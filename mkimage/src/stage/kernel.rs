@@ -37,6 +37,12 @@ impl StageOps for Kernel {
         json!({ "package": self.package })
     }
 
+    /// The kernel install is the slowest step after the base: caching the tree after
+    /// it makes rebuilds that change only later stages skip both.
+    fn cacheable(&self) -> bool {
+        true
+    }
+
     fn run(&self, ctx: &mut Ctx) -> StageResult {
         let chroot = ChrootSession::enter(&ctx.rootfs)?;
         super::fail_point("kernel")?;

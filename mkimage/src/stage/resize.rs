@@ -65,6 +65,9 @@ mod tests {
     #[test]
     fn fitted_size_covers_tree_metadata_and_headroom() {
         let s = super::fitted_size_mib(400 << 20, 256);
-        assert!((400 + 256 + 64..400 * 12 / 10 + 256 + 64 + 2).contains(&s), "{s}");
+        assert!(
+            (400 + 256 + 64..400 * 12 / 10 + 256 + 64 + 2).contains(&s),
+            "{s}"
+        );
     }
 }
