@@ -143,3 +143,66 @@ impl OpenStackArgs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Top {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+    #[derive(clap::Subcommand)]
+    enum Cmd {
+        Ec2(Ec2Args),
+        Openstack(OpenStackArgs),
+    }
+
+    #[test]
+    fn ec2_args() {
+        let t = Top::try_parse_from([
+            "mkimage",
+            "ec2",
+            "disk.img",
+            "--via",
+            "s3",
+            "--bucket",
+            "b",
+            "--replace",
+            "--name",
+            "n",
+            "--region",
+            "eu-west-1",
+            "--boot-mode",
+            "uefi",
+        ])
+        .unwrap();
+        let Cmd::Ec2(a) = t.cmd else { panic!() };
+        let o = a.options().unwrap();
+        assert_eq!(o.via, Via::S3 { bucket: "b".into() });
+        assert!(o.replace && o.ena);
+        assert_eq!(o.boot_mode, BootMode::Uefi);
+        assert_eq!(o.region.as_deref(), Some("eu-west-1"));
+        assert!(Top::try_parse_from(["mkimage", "ec2", "disk.img", "--via", "s3"]).is_err());
+    }
+
+    #[test]
+    fn openstack_args() {
+        let t = Top::try_parse_from([
+            "mkimage",
+            "openstack",
+            "disk.img",
+            "--cloud",
+            "c",
+            "--property",
+            "k=v",
+        ])
+        .unwrap();
+        let Cmd::Openstack(a) = t.cmd else { panic!() };
+        let o = a.options();
+        assert_eq!(o.cloud.as_deref(), Some("c"));
+        assert_eq!(o.properties.get("k").map(String::as_str), Some("v"));
+    }
+}

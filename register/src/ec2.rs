@@ -1148,3 +1148,73 @@ async fn s3_import(
         import_task_id: Some(task),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_aggregate_is_sha256_of_concatenated_block_hashes() {
+        let a: [u8; 32] = Sha256::digest(b"a").into();
+        let b: [u8; 32] = Sha256::digest(b"b").into();
+        let mut cat = Vec::new();
+        cat.extend_from_slice(&a);
+        cat.extend_from_slice(&b);
+        assert_eq!(linear_aggregate([&a, &b]), B64.encode(Sha256::digest(&cat)));
+        assert_ne!(linear_aggregate([&b, &a]), linear_aggregate([&a, &b]));
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 524_288];
+        assert!(is_zero(&v));
+        v[524_287] = 1;
+        assert!(!is_zero(&v));
+        assert!(is_zero(&[]));
+    }
+
+    #[test]
+    fn import_formats_and_tag_encoding() {
+        assert_eq!(import_format("raw").unwrap(), "RAW");
+        assert_eq!(import_format("vmdk").unwrap(), "VMDK");
+        assert!(import_format("qcow2").is_err());
+        assert_eq!(percent_encode("mkimage:build-id"), "mkimage%3Abuild-id");
+        assert_eq!(percent_encode("a b/c"), "a%20b%2Fc");
+    }
+
+    #[test]
+    fn boot_mode_parses() {
+        assert_eq!("uefi".parse::<BootMode>().unwrap(), BootMode::Uefi);
+        assert_eq!(
+            "legacy-bios".parse::<BootMode>().unwrap(),
+            BootMode::LegacyBios
+        );
+        assert!("efi2".parse::<BootMode>().is_err());
+    }
+
+    #[tokio::test]
+    async fn block_reader_pads_the_last_block_and_skips_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        let mut data = vec![0u8; 4096 + 10];
+        data[600] = 7;
+        data[4100] = 9;
+        std::fs::write(&p, &data).unwrap();
+        let mut r = BlockReader::open(&p, 512, 1024, true, true, &crate::NoProgress)
+            .await
+            .unwrap();
+        let (i1, b1) = r.next_block().await.unwrap().unwrap();
+        assert_eq!((i1, b1.len(), b1[600 - 512]), (1, 512, 7));
+        let (i2, b2) = r.next_block().await.unwrap().unwrap();
+        assert_eq!((i2, b2.len(), b2[4100 - 4096]), (8, 512, 9));
+        assert!(b2[10..].iter().all(|&b| b == 0), "padding is zero");
+        assert!(r.next_block().await.unwrap().is_none());
+        assert_eq!(r.skipped, 7);
+        let (sha, md5) = r.digests();
+        assert_eq!(sha, hex::encode(Sha256::digest(&data)));
+        assert_eq!(
+            hex::encode(md5.unwrap().finalize()),
+            hex::encode(Md5::digest(&data))
+        );
+    }
+}

@@ -851,3 +851,125 @@ async fn upload_and_verify(
     tracing::info!(image = %id, "Glance image active; checksums match");
     Ok(v)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn password_auth_from_env() {
+        let a = AuthConfig::from_env_map(&env(&[
+            ("OS_AUTH_URL", "https://keystone.example:5000"),
+            ("OS_USERNAME", "u"),
+            ("OS_PASSWORD", "p"),
+            ("OS_PROJECT_NAME", "proj"),
+            ("OS_USER_DOMAIN_NAME", "Default"),
+            ("OS_PROJECT_DOMAIN_ID", "default"),
+            ("OS_REGION_NAME", "R1"),
+        ]))
+        .unwrap();
+        assert_eq!(a.region.as_deref(), Some("R1"));
+        match a.method {
+            AuthMethod::Password {
+                username,
+                user_domain,
+                project_name,
+                project_domain,
+                ..
+            } => {
+                assert_eq!(username, "u");
+                assert_eq!(user_domain, Domain::Name("Default".into()));
+                assert_eq!(project_name, "proj");
+                assert_eq!(project_domain, Domain::Id("default".into()));
+            }
+            m => panic!("{m:?}"),
+        }
+        assert_eq!(identity_v3(&a.auth_url), "https://keystone.example:5000/v3");
+        assert_eq!(identity_v3("http://k/v3/"), "http://k/v3");
+    }
+
+    #[test]
+    fn application_credential_wins_and_missing_values_are_named() {
+        let a = AuthConfig::from_env_map(&env(&[
+            ("OS_AUTH_URL", "http://k/v3"),
+            ("OS_APPLICATION_CREDENTIAL_ID", "id1"),
+            ("OS_APPLICATION_CREDENTIAL_SECRET", "s1"),
+            ("OS_USERNAME", "ignored"),
+        ]))
+        .unwrap();
+        assert!(
+            matches!(a.method, AuthMethod::ApplicationCredential { ref id, .. } if id == "id1")
+        );
+        let e = AuthConfig::from_env_map(&env(&[("OS_AUTH_URL", "http://k")])).unwrap_err();
+        assert!(e.to_string().contains("OS_USERNAME"), "{e}");
+        let e = AuthConfig::from_env_map(&env(&[])).unwrap_err();
+        assert!(e.to_string().contains("OS_CLOUD"), "{e}");
+    }
+
+    #[test]
+    fn clouds_yaml() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("clouds.yaml");
+        std::fs::write(
+            &p,
+            "clouds:\n  a:\n    auth:\n      auth_url: http://k:5000\n      username: u\n      password: 123\n      project_name: p\n      domain_name: D\n    region_name: R\n  b:\n    auth_type: v3applicationcredential\n    auth:\n      auth_url: http://k:5000/v3\n      application_credential_id: ID\n      application_credential_secret: S\n",
+        )
+        .unwrap();
+        let a = AuthConfig::from_clouds_yaml(&p, "a").unwrap();
+        assert_eq!(a.region.as_deref(), Some("R"));
+        match a.method {
+            AuthMethod::Password {
+                password,
+                user_domain,
+                ..
+            } => {
+                assert_eq!(password, "123");
+                assert_eq!(user_domain, Domain::Name("D".into()));
+            }
+            m => panic!("{m:?}"),
+        }
+        let b = AuthConfig::from_clouds_yaml(&p, "b").unwrap();
+        assert_eq!(
+            b.method,
+            AuthMethod::ApplicationCredential {
+                id: "ID".into(),
+                secret: "S".into()
+            }
+        );
+        assert!(AuthConfig::from_clouds_yaml(&p, "c")
+            .unwrap_err()
+            .to_string()
+            .contains("no cloud"));
+    }
+
+    #[test]
+    fn endpoint_from_catalog() {
+        let tok = json!({"token": {"catalog": [
+            {"type": "identity", "endpoints": [{"interface": "public", "region_id": "R1", "url": "http://k/v3"}]},
+            {"type": "image", "endpoints": [
+                {"interface": "internal", "region_id": "R1", "url": "http://internal:9292"},
+                {"interface": "public", "region_id": "R2", "url": "http://r2:9292/v2/"},
+                {"interface": "public", "region_id": "R1", "url": "http://r1:9292/"}]}]}});
+        assert_eq!(
+            find_endpoint(&tok, "image", "public", Some("R1")).as_deref(),
+            Some("http://r1:9292")
+        );
+        assert_eq!(
+            find_endpoint(&tok, "image", "public", Some("R2")).as_deref(),
+            Some("http://r2:9292")
+        );
+        assert_eq!(
+            find_endpoint(&tok, "image", "internal", None).as_deref(),
+            Some("http://internal:9292")
+        );
+        assert_eq!(find_endpoint(&tok, "image", "admin", None), None);
+        assert_eq!(find_endpoint(&tok, "compute", "public", None), None);
+    }
+}

@@ -82,9 +82,20 @@ async fn ebs_direct_skips_zero_blocks_checksums_and_registers_hvm_ami() {
         ..moto.ec2_options()
     };
 
-    let reg = register::register_ec2(&info, &opts, &NoProgress)
+    let progress = CountingProgress::default();
+    let reg = register::register_ec2(&info, &opts, &progress)
         .await
         .expect("register_ec2");
+    assert_eq!(
+        progress.advanced.load(std::sync::atomic::Ordering::SeqCst),
+        data.len() as u64,
+        "progress saw every byte"
+    );
+    assert_eq!(progress.started.lock().unwrap()[0].1, data.len() as u64);
+    assert_eq!(
+        progress.finished.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
 
     // Block size comes from StartSnapshot (moto: 512), not a constant.
     let block = reg.block_size.expect("block size") as usize;

@@ -691,3 +691,28 @@ pub fn image_info(path: &Path, name: &str, build_id: &str) -> register::ImageInf
         build_id: build_id.into(),
     }
 }
+
+/// A [`register::Progress`] that adds up what it is told.
+#[derive(Default)]
+pub struct CountingProgress {
+    pub started: std::sync::Mutex<Vec<(String, u64)>>,
+    pub advanced: std::sync::atomic::AtomicU64,
+    pub finished: std::sync::atomic::AtomicU64,
+}
+
+impl register::Progress for CountingProgress {
+    fn start(&self, what: &str, total_bytes: u64) {
+        self.started
+            .lock()
+            .unwrap()
+            .push((what.to_string(), total_bytes));
+    }
+    fn advance(&self, bytes: u64) {
+        self.advanced
+            .fetch_add(bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn finish(&self) {
+        self.finished
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
