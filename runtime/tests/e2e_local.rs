@@ -219,7 +219,7 @@ fn helloworld_end_to_end_with_two_local_agents() {
 
 #[test]
 fn dead_agent_is_replaced_and_deleted() {
-    let m = Mgr::start("STARTING_NODES = 1\nLOCAL_DEAD_NODES = 1\nBOOT_TIMEOUT = 2");
+    let m = Mgr::start("STARTING_NODES = 1\nLOCAL_DEAD_NODES = 1\nBOOT_TIMEOUT = 5");
     ok(m.client(&["startup"]));
     let dead_pid = {
         let pid_file = m.node_dir(1).join("pid");

@@ -34,7 +34,7 @@ impl Svc {
         panic!("secret internal detail")
     }
     async fn slow(&self, _p: Params) -> RpcResult {
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         Ok(json!("slow done"))
     }
     async fn upload(&self, p: Params) -> RpcResult {
