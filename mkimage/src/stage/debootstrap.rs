@@ -29,7 +29,14 @@ pub struct Debootstrap {
 }
 
 impl Debootstrap {
+    /// `MKIMAGE_BOOTSTRAP_ENGINE=debootstrap|mmdebstrap` forces one (the bench
+    /// compares them); otherwise mmdebstrap when installed.
     pub fn engine() -> &'static str {
+        match std::env::var("MKIMAGE_BOOTSTRAP_ENGINE").as_deref() {
+            Ok("debootstrap") => return "debootstrap",
+            Ok("mmdebstrap") => return "mmdebstrap",
+            _ => {}
+        }
         if fsutil::which("mmdebstrap").is_some() {
             "mmdebstrap"
         } else {
