@@ -13,7 +13,7 @@ PY="${PYTHON:-python3}"
 MOTO_VERSION="5.2.5"
 KEYSTONE_VERSION="30.0.0"
 GLANCE_VERSION="33.0.0"
-GUNICORN_SPEC="gunicorn"
+GUNICORN_SPEC="gunicorn==27.0.1"
 
 log() { printf 'setup-emulators: %s\n' "$*"; }
 
