@@ -76,6 +76,16 @@ async fn wait_up(c: &RpcClient, method: &str) {
     }
 }
 
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // after the command: state is field 3, utime 14, stime 15 (1-based over the whole line)
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
 fn pct(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[i].as_secs_f64() * 1000.0
@@ -103,7 +113,10 @@ fn main() {
     let mgr_certs = issue(&ca, &d.join("mgr"), Role::Manager);
     let user_certs = issue(&ca, &d.join("user"), Role::User);
     // The load generator runs on one thread, so that it leaves a core to the manager.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
 
     // ---- agent RSS ----
     let aport = free_port();
@@ -200,6 +213,7 @@ fn main() {
     )
     .unwrap();
     let c = Arc::new(RpcClient::new(tls, addr));
+    let mgr_pid = mgr.0.id();
     rt.block_on(async {
         wait_up(&c, "get_service_info").await;
 
@@ -208,7 +222,12 @@ fn main() {
         for _ in 0..N {
             conns.push(c.connect().await.unwrap());
         }
-        for round in 0..4 {
+        const ROUNDS: usize = 11;
+        let mut cpu0 = 0.0;
+        for round in 0..ROUNDS {
+            if round == 1 {
+                cpu0 = cpu_secs(mgr_pid);
+            }
             let start_gate = Arc::new(tokio::sync::Barrier::new(N));
             let wall = Instant::now();
             let tasks: Vec<_> = conns
@@ -238,6 +257,15 @@ fn main() {
                 );
             }
         }
+        let cpu = cpu_secs(mgr_pid) - cpu0;
+        let calls = (ROUNDS - 1) * N;
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        println!(
+            "manager CPU (user+sys) per warm call: {:.1} us ({calls} calls, {:.2} s); load average {}",
+            cpu / calls as f64 * 1e6,
+            cpu,
+            load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        );
         drop(conns);
 
         // cold: a fresh TLS connection per call
