@@ -141,6 +141,8 @@ pub struct ApplyOptions {
     pub network_wait: Duration,
     pub http: Timeouts,
     pub runner: Runner,
+    /// `systemd-run` to use (default: searched in `PATH`).
+    pub systemd_run: Option<PathBuf>,
 }
 
 impl Default for ApplyOptions {
@@ -156,6 +158,7 @@ impl Default for ApplyOptions {
             network_wait: Duration::from_secs(60),
             http: Timeouts::default(),
             runner: Runner::Auto,
+            systemd_run: None,
         }
     }
 }
@@ -982,6 +985,10 @@ fn which(prog: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+fn find_systemd_run(opts: &ApplyOptions) -> Option<PathBuf> {
+    opts.systemd_run.clone().or_else(|| which("systemd-run"))
+}
+
 fn unit_suffix(id: &str) -> String {
     let s: String = id
         .chars()
@@ -1042,12 +1049,12 @@ fn run_user_data(
     let scope = match opts.runner {
         Runner::Direct => None,
         Runner::SystemdScope => Some(
-            which("systemd-run")
+            find_systemd_run(opts)
                 .ok_or_else(|| BootCtxError::UserData("systemd-run not found".into()))?,
         ),
         Runner::Auto => {
             if real_root && Path::new("/run/systemd/system").is_dir() {
-                which("systemd-run")
+                find_systemd_run(opts)
             } else {
                 None
             }
