@@ -95,6 +95,29 @@ async fn glance_upload_is_active_and_hashes_match() {
     assert!(again.existing);
     assert_eq!(again.image_id, reg.image_id);
 
+    // replace: a new verified image, then the old one is deleted.
+    let replaced = register::register_openstack(
+        &info,
+        &OpenStackOptions {
+            replace: true,
+            ..opts.clone()
+        },
+        &NoProgress,
+    )
+    .await
+    .expect("replace");
+    assert!(!replaced.existing);
+    assert_ne!(replaced.image_id, reg.image_id);
+    assert_eq!(replaced.replaced, vec![reg.image_id.clone()]);
+    assert_eq!(replaced.os_hash_value, reg.os_hash_value);
+    let old = glance_get(
+        &token,
+        &format!("{}/v2/images/{}", glance.url, reg.image_id),
+    )
+    .await;
+    assert_eq!(old.status().as_u16(), 404, "the replaced image is gone");
+    let reg = replaced;
+
     // Application-credential auth (explicit config, as from OS_APPLICATION_CREDENTIAL_*).
     let (_, tok_body) = ks.token_for("admin", ADMIN_PASSWORD, "admin").await;
     let user_id = tok_body["token"]["user"]["id"]
