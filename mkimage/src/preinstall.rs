@@ -39,8 +39,9 @@
 //!   skipped with a warning and listed in the report and the manifest.
 //! - copied files keep their permission bits (not setuid/setgid/sticky) and times
 //!   and are owned by root.
-//! - test hook: `MKIMAGE_TEST_FAIL_PREINSTALL=<point>` fails on purpose at
-//!   `after-workcopy`, `after-mount`, `after-copy`, `after-chroot` or
+//! - test hook: `MKIMAGE_TEST_FAIL_PREINSTALL=<point>` (or
+//!   [`PreinstallArgs::fail_at`]) fails on purpose at `after-workcopy`,
+//!   `after-mount`, `after-copy`, `after-packages`, `after-chroot` or
 //!   `after-unmount`.
 
 mod copy;
@@ -530,6 +531,16 @@ fn check_chroot_dirs(root: &ImageDir) -> anyhow::Result<()> {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => anyhow::bail!("unsafe image for a chroot: {e}"),
+        }
+    }
+    // The chroot setup writes policy-rc.d by path when it is missing; a dangling
+    // symlink there would be followed on the host.
+    if let Ok(sbin) = root.open_path(Path::new("usr/sbin"), false) {
+        if sbin.is_symlink(OsStr::new("policy-rc.d"))? {
+            anyhow::bail!(
+                "unsafe image for a chroot: /usr/sbin/policy-rc.d is a symlink; \
+                 replace it with a file first"
+            );
         }
     }
     Ok(())

@@ -32,6 +32,7 @@ fn base_image() -> &'static Path {
         if let Some(p) = std::env::var_os("MKIMAGE_TEST_IMAGE") {
             return PathBuf::from(p);
         }
+        ensure_cps();
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("preinstall-base");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -48,6 +49,21 @@ fn base_image() -> &'static Path {
             .unwrap_or_else(|e| panic!("building the base image: {e}"));
         rep.image
     })
+}
+
+/// The build puts the runtime's `cps` binary into the image. `cargo test
+/// --workspace` builds it next to this test; with `-p mkimage` it is built here, in
+/// a target directory of its own (the running `cargo test` holds the lock on ours).
+fn ensure_cps() {
+    if mkimage::stage::core::find_cps_binary().is_some_and(|p| p.is_file()) {
+        return;
+    }
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cps-build");
+    run(Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", "runtime", "--bin", "cps"])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(env!("CARGO_MANIFEST_DIR")));
+    std::env::set_var("MKIMAGE_CPS_BIN", target.join("debug/cps"));
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -765,6 +781,26 @@ fn hostile_app_dir_cannot_reach_outside() {
     // Resolved on the host, the trap would have led into the host's /etc.
     assert!(!Path::new("/etc/hello-app.service").exists());
     assert!(!Path::new("/etc/bin/hello").exists());
+    drop(m);
+
+    // A dangling policy-rc.d symlink would make the chroot setup write on the host.
+    let pwned = "/etc/mkimage-preinstall-test-pwned";
+    run(Command::new("debugfs")
+        .args([
+            "-w",
+            "-R",
+            &format!("symlink /usr/sbin/policy-rc.d {pwned}"),
+        ])
+        .arg(format!("{}?offset={off}", case.image().display())));
+    let mut a = args(&case.image());
+    a.no_verify = true;
+    a.dest = "/srv/app".into();
+    a.run_script = Some(fixture("apps/hello-setup.sh"));
+    let e = preinstall::run(&a).unwrap_err();
+    assert_eq!(e.exit_code(), 1, "{e}");
+    assert!(e.to_string().contains("policy-rc.d"), "{e}");
+    assert!(!Path::new(pwned).exists());
+    assert_eq!(names(case.path()), before);
 }
 
 #[test]

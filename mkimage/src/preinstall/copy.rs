@@ -175,6 +175,12 @@ impl ImageDir {
         }
     }
 
+    /// True when `name` in this directory is a symlink (never followed).
+    pub fn is_symlink(&self, name: &OsStr) -> std::io::Result<bool> {
+        check_name(name)?;
+        Ok(self.kind(name)? == Some(SFlag::S_IFLNK))
+    }
+
     /// Removes a non-directory entry (a missing one is fine).
     pub fn remove_file(&self, name: &OsStr) -> std::io::Result<()> {
         check_name(name)?;
@@ -530,5 +536,8 @@ mod tests {
         assert!(!outside.path().join("f").exists());
         assert!(root.path().join("tmp/a/f").is_file());
         assert!(tmp.create_file(OsStr::new(".."), 0o644).is_err());
+        std::os::unix::fs::symlink("/nonexistent", root.path().join("tmp/a/l")).unwrap();
+        assert!(tmp.is_symlink(OsStr::new("l")).unwrap());
+        assert!(!tmp.is_symlink(OsStr::new("f")).unwrap());
     }
 }
