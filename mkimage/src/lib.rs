@@ -17,6 +17,7 @@ pub mod plan;
 pub mod preflight;
 pub mod preinstall;
 pub mod recipe;
+pub mod registration;
 pub mod service;
 pub mod stage;
 pub mod verify;

@@ -131,6 +131,9 @@ software hypervisor) TCG is used and the reason is printed."
     /// Relay stdin/stdout to a TCP address (qemu runs this for guest forwards).
     #[command(hide = true)]
     Relay { addr: String },
+    /// Register an image with a cloud: EC2 (EBS snapshot + AMI) or OpenStack (Glance).
+    #[command(subcommand)]
+    Register(mkimage::registration::RegisterCmd),
     /// Put an application (and packages) into a copy of an existing image, safely.
     Preinstall(mkimage::preinstall::PreinstallArgs),
     /// Print the JSON Schema of the TOML recipe format.
@@ -265,6 +268,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 Ok(())
             }
             Err(e) => Err((e.exit_code(), e.to_string())),
+        },
+        Command::Register(cmd) => match mkimage::registration::run(&cmd) {
+            Ok(rec) => {
+                println!("{}", serde_json::to_string_pretty(&rec).unwrap_or_default());
+                Ok(())
+            }
+            Err(e) => match e.downcast_ref::<mkimage::verify::VerifyError>() {
+                Some(mkimage::verify::VerifyError::Mismatch { .. }) | None => {
+                    Err((EXIT_FAILED, format!("{e:#}")))
+                }
+                Some(_) => Err(bad_input(format!("{e:#}"))),
+            },
         },
         Command::Schema => {
             println!("{}", recipe::json_schema());
