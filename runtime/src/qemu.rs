@@ -292,9 +292,25 @@ where
         let _ = std::io::copy(&mut input, &mut up);
         let _ = up.shutdown(std::net::Shutdown::Write);
     });
+    // Flushed chunk by chunk: stdout is line-buffered, and a TLS record held back waiting
+    // for a newline byte stalls the handshake.
     let mut down = sock;
-    let _ = std::io::copy(&mut down, &mut output);
-    let _ = output.flush();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match down.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        if output
+            .write_all(&buf[..n])
+            .and_then(|_| output.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
     Ok(())
 }
 
@@ -330,14 +346,33 @@ struct Vm {
     dir: PathBuf,
 }
 
-/// SIGKILL to qemu's process group (qemu and its relays), then reaps it.
-fn kill_vm(vm: &mut Vm) {
-    if vm.child.try_wait().ok().flatten().is_none() {
-        let pid = nix::unistd::Pid::from_raw(vm.child.id() as i32);
-        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+/// Dropping a VM sends SIGKILL to qemu's process group (qemu and its relays), reaps qemu and
+/// removes the node directory: on deletion, on shutdown, and when a creation is abandoned.
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = self.child.wait();
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("removing {}: {e}", self.dir.display());
+            }
+        }
     }
-    let _ = vm.child.wait();
+}
+
+/// Removes a node directory unless disarmed (a creation that failed or was abandoned).
+struct DirGuard(Option<PathBuf>);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
 
 pub struct QemuCloud {
@@ -407,10 +442,10 @@ impl QemuCloud {
             .drain()
             .map(|(_, v)| v)
             .collect();
-        for mut vm in vms {
-            kill_vm(&mut vm);
-            let _ = std::fs::remove_dir_all(&vm.dir);
-            tracing::info!("qemu cloud: killed node {}", vm.node.id);
+        for vm in vms {
+            let id = vm.node.id.clone();
+            drop(vm);
+            tracing::info!("qemu cloud: killed node {id}");
         }
     }
 
@@ -518,31 +553,20 @@ impl Cloud for QemuCloud {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;
-        match self.start_vm(&vmid, &dir, req).await {
-            Ok(vm) => {
-                let node = vm.node.clone();
-                self.vms.lock().expect("vms lock").insert(vmid, vm);
-                Ok(node)
-            }
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                Err(e)
-            }
-        }
+        let mut guard = DirGuard(Some(dir.clone()));
+        let vm = self.start_vm(&vmid, &dir, req).await?;
+        guard.0 = None;
+        let node = vm.node.clone();
+        self.vms.lock().expect("vms lock").insert(vmid, vm);
+        Ok(node)
     }
 
     async fn delete_node(&self, node: &ServiceNode) -> Result<()> {
         let vm = self.vms.lock().expect("vms lock").remove(&node.vmid);
-        let Some(mut vm) = vm else {
+        let Some(vm) = vm else {
             bail!("no such node {}", node.id);
         };
-        let vm = tokio::task::spawn_blocking(move || {
-            kill_vm(&mut vm);
-            vm
-        })
-        .await?;
-        std::fs::remove_dir_all(&vm.dir)
-            .with_context(|| format!("removing {}", vm.dir.display()))?;
+        tokio::task::spawn_blocking(move || drop(vm)).await?;
         tracing::info!("qemu cloud: deleted node {}", node.id);
         Ok(())
     }
@@ -772,6 +796,32 @@ mod tests {
         assert!(relay("127.0.0.1:1", std::io::empty(), Vec::new()).is_err());
     }
 
+    #[test]
+    fn relay_passes_data_on_without_waiting_for_a_newline() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            c.write_all(b"\x16\x03\x01 no newline").unwrap();
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest);
+        });
+        let (input_w, input_r) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (out_a, mut out_b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let r = std::thread::spawn(move || {
+            relay(&addr, input_r, std::io::BufWriter::new(out_a)).unwrap();
+        });
+        out_b
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = [0u8; 14];
+        out_b.read_exact(&mut got).expect("bytes arrive while open");
+        assert_eq!(&got, b"\x16\x03\x01 no newline");
+        drop(input_w);
+        server.join().unwrap();
+        r.join().unwrap();
+    }
+
     fn pid_alive(pid: u32) -> bool {
         // a zombie counts as gone
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -795,11 +845,8 @@ mod tests {
         std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
         let fake = d.path().join("fake-qemu");
         std::fs::write(&fake, "#!/bin/sh\nexec sleep 600\n").unwrap();
-        std::fs::set_permissions(
-            &fake,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let settings = QemuSettings {
             image: img.clone(),
             format: None,
@@ -811,13 +858,8 @@ mod tests {
             qemu_img: "qemu-img".into(),
             ssh_keys: vec![],
         };
-        let cloud = QemuCloud::new(
-            "iaas",
-            settings,
-            "/bin/cps".into(),
-            d.path().join("unused"),
-        )
-        .unwrap();
+        let cloud =
+            QemuCloud::new("iaas", settings, "/bin/cps".into(), d.path().join("unused")).unwrap();
         assert!(!cloud.uses_kvm());
         let req = || NodeRequest {
             vars: vars(),
@@ -833,8 +875,8 @@ mod tests {
         for f in ["disk.qcow2", "config.iso", "qemu.pid", "qemu.args"] {
             assert!(dir1.join(f).exists(), "{f}");
         }
-        let ud = std::fs::read_to_string(dir1.join("config-drive/openstack/latest/user_data"))
-            .unwrap();
+        let ud =
+            std::fs::read_to_string(dir1.join("config-drive/openstack/latest/user_data")).unwrap();
         assert!(ud.contains("https://10.0.2.100:4443/enroll"));
         let args = std::fs::read_to_string(dir1.join("qemu.args")).unwrap();
         assert!(args.contains(&format!("hostfwd=tcp:127.0.0.1:{}-:5555", n1.port)));
@@ -858,6 +900,60 @@ mod tests {
         drop(cloud);
         assert!(!pid_alive(p2), "drop kills the remaining VMs");
         assert!(!d.path().join("nodes/2").exists());
+    }
+
+    /// A creation abandoned half-way (the manager's task dropped) leaves no qemu and no files.
+    #[tokio::test]
+    async fn abandoned_creation_kills_its_qemu() {
+        if !have("genisoimage") || !have("qemu-img") {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("base.img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let fake = d.path().join("fake-qemu");
+        let pids = d.path().join("pids");
+        std::fs::write(
+            &fake,
+            format!("#!/bin/sh\necho $$ >> {}\nexec sleep 600\n", pids.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let settings = QemuSettings {
+            image: img,
+            format: None,
+            memory_mib: 256,
+            cpus: 1,
+            accel: Accel::Tcg,
+            work_dir: Some(d.path().join("nodes")),
+            qemu: fake,
+            qemu_img: "qemu-img".into(),
+            ssh_keys: vec![],
+        };
+        let cloud = QemuCloud::new("iaas", settings, "/bin/cps".into(), d.path().into()).unwrap();
+        let req = NodeRequest {
+            vars: vars(),
+            role: "node".into(),
+            config: ConfigTree::locate().unwrap(),
+        };
+        let mut fut = Box::pin(cloud.create_node(req));
+        // until qemu has started (it is then in the start-up check)
+        let t0 = Instant::now();
+        while !pids.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(20));
+            let _ = tokio::time::timeout(Duration::from_millis(20), &mut fut).await;
+        }
+        let pid: u32 = std::fs::read_to_string(&pids)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(pid_alive(pid));
+        drop(fut);
+        assert!(!pid_alive(pid), "abandoned qemu killed");
+        assert!(!d.path().join("nodes/1").exists());
+        assert!(cloud.list_nodes().await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -1,0 +1,405 @@
+//! End-to-end: a helloworld image built by the real mkimage, booted as ConPaaS agents by a
+//! `cps manager` with the `qemu` cloud driver. The agents enrol over the guest forward
+//! (10.0.2.100 -> the manager's enrolment port on 127.0.0.1), the manager reaches them through
+//! host forwards; removing and stopping kill exactly their VMs. Run as root (mkimage build).
+//!
+//! `AGENT_VM_ADD` (default 2): how many nodes `add-nodes` asks for.
+
+use e2e::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        == Some("0")
+}
+
+/// Pids of qemu processes whose command line mentions `dir`.
+fn qemus_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().to_string();
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a0| a0.contains("qemu-system"))
+            && args.iter().any(|a| a.contains(&needle))
+        {
+            v.push(pid);
+        }
+    }
+    v.sort();
+    v
+}
+
+fn kill(sig: &str, pid: u32) {
+    let _ = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// The manager process; on drop (also when the test fails) it is stopped, and any qemu of
+/// this sandbox still running is killed by pid.
+struct Mgr {
+    child: Option<Child>,
+    root: PathBuf,
+    url: String,
+    user: PathBuf,
+}
+
+impl Mgr {
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        kill("-TERM", c.id());
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = c.kill();
+        c.wait().ok()
+    }
+
+    fn client(&self, args: &[&str]) -> Output {
+        let out = Command::new(bin("cps"))
+            .args(["client", "--manager", &self.url, "--cert-dir"])
+            .arg(&self.user)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            eprintln!(
+                "cps client {args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        out
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.client(&a);
+        assert!(out.status.success(), "cps client {args:?} failed");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn state(&self) -> String {
+        self.json(&["info"])["state"].as_str().unwrap().to_string()
+    }
+
+    /// Manager log and the tail of every node's serial log.
+    fn diagnostics(&self) -> String {
+        let mut s = format!(
+            "--- manager log:\n{}",
+            std::fs::read_to_string(self.root.join("manager.log")).unwrap_or_default()
+        );
+        let nodes = self.root.join("nodes");
+        for n in files_in(&nodes) {
+            let log =
+                std::fs::read_to_string(nodes.join(&n).join("serial.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            s.push_str(&format!(
+                "\n--- node {n} serial (last 40 lines):\n{}\n--- qemu stderr: {}",
+                lines[lines.len().saturating_sub(40)..].join("\n"),
+                std::fs::read_to_string(nodes.join(&n).join("qemu.err")).unwrap_or_default()
+            ));
+        }
+        s
+    }
+
+    fn wait_state(&self, want: &str, timeout: Duration) -> f64 {
+        let t0 = Instant::now();
+        loop {
+            let st = self.state();
+            if st == want {
+                return t0.elapsed().as_secs_f64();
+            }
+            if st == "ERROR" || t0.elapsed() > timeout {
+                panic!(
+                    "state {st} while waiting for {want} ({:.0} s)\n{}",
+                    t0.elapsed().as_secs_f64(),
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+impl Drop for Mgr {
+    fn drop(&mut self) {
+        self.terminate();
+        for pid in qemus_under(&self.root) {
+            eprintln!("killing leftover qemu {pid}");
+            kill("-KILL", pid);
+        }
+    }
+}
+
+fn cps_ok(args: &[&str]) {
+    let out = run(Command::new(bin("cps")).args(args));
+    assert!(out.status.success(), "cps {args:?} failed");
+}
+
+#[test]
+fn helloworld_agents_in_qemu_vms() {
+    if !is_root() {
+        eprintln!("skipped: needs root (mkimage build)");
+        return;
+    }
+    let _g = heavy();
+    let add: usize = std::env::var("AGENT_VM_ADD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let sb = Sandbox::new();
+    let root = sb.path().to_path_buf();
+
+    let t0 = Instant::now();
+    let out = run(sb.build().args([
+        "--services",
+        "helloworld",
+        "--optimize",
+        "true",
+        "--size",
+        "2G",
+        "--output",
+        "hello.img",
+    ]));
+    assert!(out.status.success(), "mkimage build failed");
+    let image = sb.out().join("hello.img");
+    assert!(image.is_file());
+    eprintln!("image built in {:.0} s", t0.elapsed().as_secs_f64());
+    assert_clean(&root);
+
+    let p = |s: &str| root.join(s).display().to_string();
+    cps_ok(&["ca", "init", "--dir", &p("ca")]);
+    for (role, out) in [("manager", "mgr"), ("user", "user")] {
+        cps_ok(&[
+            "ca",
+            "issue",
+            "--dir",
+            &p("ca"),
+            "--role",
+            role,
+            "--uid",
+            "1",
+            "--app",
+            "2",
+            "--out",
+            &p(out),
+        ]);
+    }
+    let cfg = format!(
+        "[manager]\nTYPE = helloworld\nUSER_ID = 1\nAPP_ID = 2\nBIND = 127.0.0.1\nMY_IP = 127.0.0.1\n\
+         PORT = 0\nENROLL_PORT = 0\nLOG_FILE = {}\nCERT_DIR = {}\nCA_DIR = {}\nVAR_RUN = {}\n\
+         VAR_CACHE = {}\nCONFIG_DIR = {}\nCLOUD = qemu\nPOLL_INTERVAL = 2\nBOOT_TIMEOUT = 600\n\
+         MAX_RETRIES = 0\n\n[qemu]\nIMAGE = {}\nWORK_DIR = {}\nMEMORY = 768\nCPUS = 1\nACCEL = auto\n",
+        p("manager.log"),
+        p("mgr"),
+        p("ca"),
+        p("run"),
+        p("cache"),
+        workspace().join("config").display(),
+        image.display(),
+        p("nodes"),
+    );
+    std::fs::write(root.join("manager.cfg"), cfg).unwrap();
+    let child = Command::new(bin("cps"))
+        .args(["manager", "-c", &p("manager.cfg")])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(root.join("manager.out")).unwrap())
+        .stderr(std::fs::File::create(root.join("manager.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut mgr = Mgr {
+        child: Some(child),
+        root: root.clone(),
+        url: String::new(),
+        user: root.join("user"),
+    };
+    let ports = root.join("run/ports.json");
+    let t = Instant::now();
+    while !ports.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "manager did not start: {}",
+            std::fs::read_to_string(root.join("manager.err")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&ports).unwrap()).unwrap();
+    mgr.url = format!("https://127.0.0.1:{}", v["port"]);
+
+    // startup: one VM
+    assert!(mgr.client(&["startup"]).status.success());
+    let s = mgr.wait_state("RUNNING", Duration::from_secs(900));
+    eprintln!("startup: 1 VM RUNNING after {s:.0} s");
+    assert_eq!(qemus_under(&root).len(), 1);
+
+    // add-nodes: booted concurrently
+    let t = Instant::now();
+    assert!(mgr
+        .client(&["add-nodes", &add.to_string()])
+        .status
+        .success());
+    mgr.wait_state("RUNNING", Duration::from_secs(900));
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!("add_nodes {add}: RUNNING after {secs:.0} s");
+    println!("add_nodes({add}) -> RUNNING: {secs:.1} s");
+    let total = 1 + add;
+    assert_eq!(qemus_under(&root).len(), total);
+
+    let ids: Vec<String> = mgr.json(&["list"])["helloworld"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), total);
+    let hello = mgr.json(&["hello"])["helloworld"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut lines: Vec<&str> = hello.lines().collect();
+    lines.sort();
+    let mut want: Vec<String> = ids
+        .iter()
+        .map(|id| format!("Received helloworld from {id}"))
+        .collect();
+    want.sort();
+    assert_eq!(lines, want);
+
+    // remove-nodes 1 kills exactly one VM
+    let before = qemus_under(&root);
+    assert!(mgr.client(&["remove-nodes", "1"]).status.success());
+    mgr.wait_state("RUNNING", Duration::from_secs(120));
+    let after = qemus_under(&root);
+    assert_eq!(after.len(), total - 1);
+    assert!(after.iter().all(|p| before.contains(p)));
+    assert_eq!(files_in(&root.join("nodes")).len(), total - 1);
+
+    // stop kills the rest
+    assert!(mgr.client(&["stop"]).status.success());
+    mgr.wait_state("STOPPED", Duration::from_secs(120));
+    assert_eq!(qemus_under(&root), Vec::<u32>::new());
+    assert_eq!(files_in(&root.join("nodes")), Vec::<String>::new());
+
+    let st = mgr.terminate().expect("manager exit status");
+    assert!(st.success(), "manager exited with {st}");
+    assert_eq!(qemus_under(&root), Vec::<u32>::new());
+    assert_clean(&root);
+}
+
+/// Manager exit (SIGTERM) with VMs still running and still booting kills them all.
+#[test]
+fn manager_exit_kills_its_vms() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let _g = heavy();
+    let sb = Sandbox::new();
+    let root = sb.path().to_path_buf();
+    // Any bootable-looking file will do: the VMs only have to exist, not to boot.
+    let image = root.join("blank.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let p = |s: &str| root.join(s).display().to_string();
+    cps_ok(&["ca", "init", "--dir", &p("ca")]);
+    for (role, out) in [("manager", "mgr"), ("user", "user")] {
+        cps_ok(&[
+            "ca",
+            "issue",
+            "--dir",
+            &p("ca"),
+            "--role",
+            role,
+            "--uid",
+            "1",
+            "--app",
+            "2",
+            "--out",
+            &p(out),
+        ]);
+    }
+    let cfg = format!(
+        "[manager]\nUSER_ID = 1\nAPP_ID = 2\nBIND = 127.0.0.1\nPORT = 0\nENROLL_PORT = 0\n\
+         LOG_FILE = {}\nCERT_DIR = {}\nCA_DIR = {}\nVAR_RUN = {}\nVAR_CACHE = {}\nCONFIG_DIR = {}\n\
+         CLOUD = qemu\nPOLL_INTERVAL = 1\nBOOT_TIMEOUT = 600\nSTARTING_NODES = 2\n\
+         [qemu]\nIMAGE = {}\nWORK_DIR = {}\nMEMORY = 64\nACCEL = tcg\n",
+        p("manager.log"),
+        p("mgr"),
+        p("ca"),
+        p("run"),
+        p("cache"),
+        workspace().join("config").display(),
+        image.display(),
+        p("nodes"),
+    );
+    std::fs::write(root.join("manager.cfg"), cfg).unwrap();
+    let child = Command::new(bin("cps"))
+        .args(["manager", "-c", &p("manager.cfg")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(root.join("manager.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut mgr = Mgr {
+        child: Some(child),
+        root: root.clone(),
+        url: String::new(),
+        user: root.join("user"),
+    };
+    let ports = root.join("run/ports.json");
+    let t = Instant::now();
+    while !ports.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "manager did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&ports).unwrap()).unwrap();
+    mgr.url = format!("https://127.0.0.1:{}", v["port"]);
+    assert!(mgr.client(&["startup"]).status.success());
+    let t = Instant::now();
+    while qemus_under(&root).len() < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "VMs not started\n{}",
+            mgr.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let st = mgr.terminate().expect("manager exit status");
+    assert!(st.success(), "manager exited with {st}");
+    let t = Instant::now();
+    while !qemus_under(&root).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "qemu left after manager exit: {:?}",
+            qemus_under(&root)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(files_in(&root.join("nodes")), Vec::<String>::new());
+}
