@@ -75,6 +75,7 @@ fn image_with_manifest(dir: &Path) -> PathBuf {
             sha256: d.sha256,
         }],
         registrations: vec![],
+        preinstall: vec![],
     };
     m.store(&Manifest::path_for(&img)).unwrap();
     img

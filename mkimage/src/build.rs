@@ -236,6 +236,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
         packages,
         artefacts: artefacts.clone(),
         registrations: vec![],
+        preinstall: vec![],
     };
     for (path, a) in paths.iter().zip(&artefacts) {
         manifest
@@ -479,29 +480,34 @@ pub fn recipe_digest(recipe: &Recipe) -> String {
     hex::encode(Sha256::digest(value.to_string().as_bytes()))
 }
 
-fn now_rfc3339() -> String {
+/// Current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    // Civil date from Unix time (Howard Hinnant's days-from-civil inverse).
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
+    let (y, m, d) = civil_date((secs / 86_400) as i64);
+    let t = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        t / 3600,
+        (t % 3600) / 60,
+        t % 60
+    )
+}
+
+/// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's
+/// civil-from-days algorithm).
+fn civil_date(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 #[cfg(test)]
@@ -514,6 +520,13 @@ mod tests {
         );
         assert_eq!(super::artefact_name("x.raw", "vdi"), "x.vdi");
         assert_eq!(super::artefact_name("plain", "tar.zst"), "plain.tar.zst");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(super::civil_date(0), (1970, 1, 1));
+        assert_eq!(super::civil_date(19_723), (2024, 1, 1));
+        assert_eq!(super::civil_date(20_513), (2026, 3, 1));
     }
 
     #[test]

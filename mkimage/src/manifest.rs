@@ -30,6 +30,9 @@ pub struct Manifest {
     /// What clouds stored when the image was registered.
     #[serde(default)]
     pub registrations: Vec<serde_json::Value>,
+    /// Customisations applied after the build (`mkimage preinstall`), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preinstall: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

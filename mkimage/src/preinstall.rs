@@ -849,7 +849,7 @@ pub fn run(args: &PreinstallArgs) -> Result<PreinstallReport, PreinstallError> {
         info.format.clone()
     };
     let record = serde_json::json!({
-        "created": now_rfc3339(),
+        "created": crate::build::now_rfc3339(),
         "input": c.image.file_name().map(|n| n.to_string_lossy().into_owned()),
         "input_md5": input_digests.as_ref().map(|d| d.md5.clone()),
         "input_sha256": input_digests.as_ref().map(|d| d.sha256.clone()),
@@ -958,7 +958,7 @@ fn write_manifest(
             record["base_build_id"] = serde_json::Value::String(m.build_id.clone());
             m.tool_version = env!("CARGO_PKG_VERSION").into();
             m.build_id = build_id;
-            m.created = now_rfc3339();
+            m.created = crate::build::now_rfc3339();
             m.stages.push(stage);
             if !packages.is_empty() {
                 m.packages = packages;
@@ -970,13 +970,14 @@ fn write_manifest(
         None => Manifest {
             tool_version: env!("CARGO_PKG_VERSION").into(),
             build_id,
-            created: now_rfc3339(),
+            created: crate::build::now_rfc3339(),
             recipe_digest: String::new(),
             recipe: serde_json::Value::Null,
             stages: vec![stage],
             packages,
             artefacts: vec![artefact],
             registrations: vec![],
+            preinstall: vec![],
         },
     };
     history.push(record);
@@ -986,37 +987,6 @@ fn write_manifest(
     std::fs::write(&tmp, serde_json::to_vec_pretty(&v)?)?;
     std::fs::rename(&tmp, path)?;
     Ok(())
-}
-
-/// Current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
-fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (y, m, d) = civil_date((secs / 86_400) as i64);
-    let t = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        t / 3600,
-        t / 60 % 60,
-        t % 60
-    )
-}
-
-/// Gregorian date of a day count since 1970-01-01.
-fn civil_date(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153;
-    let day = (day_of_year - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]
@@ -1148,12 +1118,5 @@ mod tests {
         assert_eq!(a.image, Path::new("a.img"));
         let help = cmd.clone().render_long_help().to_string();
         assert!(help.contains("Examples:"), "{help}");
-    }
-
-    #[test]
-    fn dates() {
-        assert_eq!(civil_date(0), (1970, 1, 1));
-        assert_eq!(civil_date(19_723), (2024, 1, 1));
-        assert_eq!(civil_date(20_513), (2026, 3, 1));
     }
 }

@@ -49,8 +49,19 @@ impl ChrootSession {
             restore_resolv: None,
             policy_installed: false,
         };
-        for d in ["dev", "dev/pts", "proc", "sys"] {
-            std::fs::create_dir_all(root.join(d)).map_err(io)?;
+        // An image's tree is not trusted: a symlink where a mount point, policy-rc.d
+        // or resolv.conf belongs would make us mount or write on the host.
+        for d in ["dev", "dev/pts", "proc", "sys", "etc", "usr/sbin"] {
+            let p = root.join(d);
+            if let Ok(m) = std::fs::symlink_metadata(&p) {
+                if !m.is_dir() {
+                    return Err(io(std::io::Error::other(format!(
+                        "{} is not a real directory (symlink?): refusing to use it",
+                        p.display()
+                    ))));
+                }
+            }
+            std::fs::create_dir_all(&p).map_err(io)?;
         }
         s.mounts
             .push(MountGuard::bind(Path::new("/dev"), &root.join("dev"))?);
@@ -72,6 +83,12 @@ impl ChrootSession {
         )?);
 
         let policy = root.join("usr/sbin/policy-rc.d");
+        if std::fs::symlink_metadata(&policy).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(io(std::io::Error::other(format!(
+                "{} is a symlink: refusing to write through it",
+                policy.display()
+            ))));
+        }
         if !policy.exists() {
             std::fs::create_dir_all(policy.parent().unwrap()).map_err(io)?;
             std::fs::write(&policy, POLICY_RC_D).map_err(io)?;
