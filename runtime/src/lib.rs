@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod args;
+pub mod bootctx;
 pub mod client;
 pub mod cloud;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod controller;
 pub mod enrol;
 pub mod manager;
 pub mod pki;
+pub mod qemu;
 pub mod rpc;
 
 /// Logs to `file` (appending) or to stderr; `RUST_LOG` overrides the level (default info).

@@ -58,6 +58,9 @@ enum Cmd {
         #[arg(long)]
         port: u16,
     },
+    /// qemu guest forward: copy stdin/stdout to and from a TCP address.
+    #[command(hide = true)]
+    Relay { addr: String },
 }
 
 #[derive(ClapArgs)]
@@ -145,6 +148,8 @@ enum ContextCmd {
         #[arg(long)]
         config_only: bool,
     },
+    /// Boot-time contextualization: SSH keys, host name, user-data (once per instance).
+    Apply(runtime::bootctx::ApplyArgs),
 }
 
 #[derive(ClapArgs)]
@@ -277,6 +282,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Relay { addr } => {
+            runtime::qemu::relay(&addr, std::io::stdin(), std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::DeadNode { port } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -393,6 +402,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{out}");
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Context(ContextCmd::Apply(a)) => Ok(runtime::bootctx::run_cli(&a)),
         Cmd::Client(o) => client(o),
     }
 }

@@ -527,6 +527,8 @@ pub struct ManagerConfig {
     pub local_dead_nodes: u32,
     pub starting_nodes: usize,
     pub replacements: BTreeMap<String, String>,
+    /// `[qemu]` section (the `qemu` driver).
+    pub qemu: Option<crate::qemu::QemuSettings>,
 }
 
 fn secs(s: f64) -> Result<Duration> {
@@ -578,6 +580,7 @@ impl ManagerConfig {
             local_dead_nodes: ini.parse_or(S, "LOCAL_DEAD_NODES", 0)?,
             starting_nodes: ini.parse_or(S, "STARTING_NODES", 1)?,
             replacements,
+            qemu: crate::qemu::QemuSettings::from_ini(ini)?,
         })
     }
 }
@@ -618,7 +621,26 @@ pub async fn start(cfg: &ManagerConfig) -> Result<Running> {
             local_cloud = Some(c.clone());
             c
         }
-        other => anyhow::bail!("cloud driver '{other}' is not available (available: local)"),
+        "qemu" => {
+            let settings = cfg
+                .qemu
+                .clone()
+                .context("CLOUD = qemu needs a [qemu] section")?;
+            let relay_bin = match &cfg.cps_bin {
+                Some(b) => b.clone(),
+                None => std::env::current_exe()?,
+            };
+            local_cloud = None;
+            Arc::new(crate::qemu::QemuCloud::new(
+                &cfg.cloud_name,
+                settings,
+                relay_bin,
+                cfg.var_cache.join("qemu-nodes"),
+            )?)
+        }
+        other => {
+            anyhow::bail!("cloud driver '{other}' is not available (available: local, qemu)")
+        }
     };
     let rpc_listener = tokio::net::TcpListener::bind((cfg.bind.as_str(), cfg.port))
         .await
