@@ -35,7 +35,8 @@ ExecStartPre=/usr/bin/ssh-keygen -A
 ExecStartPre=/usr/sbin/sshd -t
 ";
 
-pub const PACKAGES: &[&str] = &["openssh-server", "ca-certificates"];
+/// curl: the cloud scripts of the contextualization (config/templates/cloud) query metadata with it.
+pub const PACKAGES: &[&str] = &["openssh-server", "ca-certificates", "curl"];
 
 pub struct Core {
     pub cps_binary: PathBuf,
