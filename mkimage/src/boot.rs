@@ -60,6 +60,10 @@ pub struct BootOptions {
     pub extra_drives: Vec<PathBuf>,
     /// Guest-to-host forwards (metadata service, manager enrolment endpoint).
     pub guest_forwards: Vec<GuestForward>,
+    /// The user network's address range (qemu's `net=`). A guest forward's address
+    /// must lie inside it: EC2's metadata address 169.254.169.254 needs a
+    /// link-local network.
+    pub user_net: Option<String>,
     /// How long a KVM guest may stay silent before we switch to TCG.
     pub kvm_grace: Duration,
 }
@@ -78,6 +82,7 @@ impl BootOptions {
             serial_log: serial_log.to_owned(),
             extra_drives: vec![],
             guest_forwards: vec![],
+            user_net: None,
             kvm_grace: Duration::from_secs(25),
         }
     }
@@ -210,6 +215,9 @@ pub fn qemu_args(opts: &BootOptions, kvm: bool) -> Vec<String> {
     }
     // restrict=on: the guest reaches nothing outside; only our forwards come in.
     let mut net = "user,id=n0,restrict=on".to_string();
+    if let Some(n) = &opts.user_net {
+        net.push_str(&format!(",net={n}"));
+    }
     for (h, g) in &opts.forwards {
         net.push_str(&format!(",hostfwd=tcp:127.0.0.1:{h}-:{g}"));
     }

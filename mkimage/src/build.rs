@@ -8,9 +8,8 @@ use crate::manifest::{Artefact, Manifest, StageRecord};
 use crate::plan::{self, Planned};
 use crate::recipe::{Cloud, Layout, OutputFormat, Recipe};
 use crate::stage::Ctx;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 pub struct BuildOptions {
     pub output_dir: PathBuf,
@@ -321,7 +320,7 @@ fn run_stages(
             });
             continue;
         }
-        let bar = spinner(
+        let bar = crate::progress::spinner(
             opts.progress,
             format!("[{}/{n}] {name}: {}", i + 1, ops.describe()),
         );
@@ -420,20 +419,6 @@ fn convert(raw: &Path, tree: &Path, out: &Path, format: &str) -> anyhow::Result<
             .run()?,
     }
     Ok(())
-}
-
-fn spinner(enabled: bool, msg: String) -> ProgressBar {
-    if !enabled {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    pb.enable_steady_tick(Duration::from_millis(120));
-    pb.set_message(msg);
-    pb
 }
 
 fn write_container_fs(ctx: &Ctx, size_mib: u64) -> anyhow::Result<()> {

@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod plan;
 pub mod preflight;
 pub mod preinstall;
+pub mod progress;
 pub mod recipe;
 pub mod registration;
 pub mod service;

@@ -371,7 +371,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 Expected::beside(&image)
             };
             let size = std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
-            let bar = byte_bar(size, "verifying");
+            let bar = mkimage::progress::bytes(true, size, "verifying".into());
             let res = mkimage::verify::verify(&image, &expected, |n| bar.set_position(n));
             bar.finish_and_clear();
             match res {
@@ -440,6 +440,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     ContextVia::Ec2 => {
                         let imds = mkimage::context::Imds::start(data)
                             .map_err(|e| (EXIT_FAILED, e.to_string()))?;
+                        o.user_net = Some("169.254.0.0/16".into());
                         o.guest_forwards.push(mkimage::boot::GuestForward {
                             guest_ip: "169.254.169.254".into(),
                             guest_port: 80,
@@ -483,19 +484,4 @@ fn format_from_extension(p: &std::path::Path) -> String {
         _ => "raw",
     }
     .to_string()
-}
-
-fn byte_bar(total: u64, what: &str) -> indicatif::ProgressBar {
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        return indicatif::ProgressBar::hidden();
-    }
-    let b = indicatif::ProgressBar::new(total);
-    b.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    b.set_message(what.to_string());
-    b
 }

@@ -53,11 +53,10 @@ use crate::host::fsutil::{self, PendingFile};
 use crate::host::{signals, ChrootSession, Cmd, LoopDevice, MountGuard};
 use crate::manifest::{Artefact, Manifest, StageRecord};
 use crate::verify::{self, Digests, Expected, VerifyError};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use std::ffi::OsStr;
-use std::io::IsTerminal;
 use std::path::{Component, Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Where the application goes in the image unless `--dest` says otherwise.
 pub const DEFAULT_DEST: &str = "/opt/app";
@@ -457,33 +456,10 @@ fn expectation(args: &PreinstallArgs, image: &Path) -> Result<Option<Expected>, 
 }
 
 fn bar(enabled: bool, len: Option<u64>, msg: String) -> ProgressBar {
-    if !enabled || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
+    match len {
+        Some(n) => crate::progress::bytes(enabled, n, msg),
+        None => crate::progress::spinner(enabled, msg),
     }
-    let pb = match len {
-        Some(n) => {
-            let pb = ProgressBar::new(n);
-            pb.set_style(
-                ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            pb
-        }
-        None => {
-            let pb = ProgressBar::new_spinner();
-            pb.set_style(
-                ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-            );
-            pb.enable_steady_tick(Duration::from_millis(120));
-            pb
-        }
-    };
-    pb.set_message(msg);
-    pb
 }
 
 /// The private work directory (raw temporary, mount point); removed on drop, never

@@ -69,18 +69,7 @@ struct Bars(std::sync::Mutex<Option<indicatif::ProgressBar>>);
 
 impl register::Progress for Bars {
     fn start(&self, what: &str, total: u64) {
-        let b = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            indicatif::ProgressBar::new(total)
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b.set_message(what.to_string());
+        let b = crate::progress::bytes(true, total, what.to_string());
         tracing::info!("{what}");
         if let Some(old) = self.0.lock().unwrap().replace(b) {
             old.finish_and_clear();
