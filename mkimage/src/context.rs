@@ -223,7 +223,20 @@ pub fn relay(addr: &str) -> std::io::Result<()> {
         let _ = std::io::copy(&mut std::io::stdin().lock(), &mut to_sock);
         let _ = to_sock.shutdown(std::net::Shutdown::Write);
     });
-    let _ = std::io::copy(&mut from_sock, &mut std::io::stdout().lock());
+    // Flush every chunk: stdout is line-buffered, and an answer that does not end
+    // in a newline (a token, a TLS record) would otherwise wait for the next one.
+    let mut out = std::io::stdout().lock();
+    let mut buf = [0u8; 16384];
+    loop {
+        let n = match from_sock.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if out.write_all(&buf[..n]).and_then(|_| out.flush()).is_err() {
+            break;
+        }
+    }
+    drop(out);
     let _ = up.join();
     Ok(())
 }
