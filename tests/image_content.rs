@@ -92,9 +92,13 @@ fn security_checks(img: &MountedImage) {
         img.path("usr/local/bin/cps").exists(),
         "runtime not installed"
     );
-    assert!(img
-        .path("etc/systemd/system/multi-user.target.wants/cps-context.service")
-        .exists());
+    // An absolute symlink: read the link itself, it points into the image.
+    let unit = std::fs::read_link(
+        img.path("etc/systemd/system/multi-user.target.wants/cps-context.service"),
+    )
+    .expect("cps-context.service not enabled");
+    assert_eq!(unit, Path::new("/etc/systemd/system/cps-context.service"));
+    assert!(img.path("etc/systemd/system/cps-context.service").is_file());
     assert!(img.path("var/log/cpsagent.log").exists());
     assert!(img.path("etc/cpsagent").is_dir());
 }
