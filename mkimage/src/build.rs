@@ -312,6 +312,9 @@ fn run_stages(
         let ops = p.stage.ops();
         let name = ops.name();
         if i < start {
+            // Covered by a later cache entry; its fail point still counts, so a test can
+            // inject a failure into every stage whatever the cache holds.
+            crate::stage::fail_point(&name).map_err(|e| fail(&name, e))?;
             records.push(StageRecord {
                 name,
                 key: p.key.clone(),
