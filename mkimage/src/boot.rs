@@ -154,6 +154,7 @@ pub fn kvm_unusable_reason() -> Option<String> {
 /// A running qemu, killed (by pid, with its process group) when dropped.
 pub struct QemuGuard {
     child: Child,
+    ticket: Option<crate::journal::Ticket>,
 }
 
 impl QemuGuard {
@@ -175,6 +176,7 @@ impl Drop for QemuGuard {
             let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
         }
         let _ = self.child.wait();
+        crate::journal::release(self.ticket.take());
         tracing::debug!("qemu {} stopped", self.child.id());
     }
 }
@@ -250,15 +252,23 @@ fn spawn(opts: &BootOptions, kvm: bool) -> Result<QemuGuard, BootError> {
     std::fs::write(&opts.serial_log, b"")?;
     let args = qemu_args(opts, kvm);
     tracing::debug!("$ qemu-system-x86_64 {}", args.join(" "));
-    let child = Command::new("qemu-system-x86_64")
-        .args(&args)
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(BootError::Spawn)?;
-    Ok(QemuGuard { child })
+        .process_group(0);
+    if let Some(id) = crate::journal::active_id() {
+        cmd.env(crate::journal::ENV_MARKER, id);
+    }
+    let child = cmd.spawn().map_err(BootError::Spawn)?;
+    let pid = child.id() as i32;
+    let ticket = crate::journal::acquire(crate::journal::Resource::Process {
+        pid,
+        start_time: crate::journal::process_start_time(pid).unwrap_or(0),
+        program: "qemu-system-x86_64".into(),
+    });
+    Ok(QemuGuard { child, ticket })
 }
 
 fn serial_text(log: &Path) -> String {

@@ -18,6 +18,8 @@ pub struct BuildOptions {
     pub cache_dir: PathBuf,
     /// Show progress spinners (off when stderr is not a terminal or in tests).
     pub progress: bool,
+    /// Ignore cache hits from this stage on (e.g. `optimize`, `service-php`).
+    pub rebuild_from: Option<String>,
 }
 
 impl BuildOptions {
@@ -27,6 +29,7 @@ impl BuildOptions {
             state_dir: default_state_dir(),
             cache_dir: default_cache_dir(),
             progress: false,
+            rebuild_from: None,
         }
     }
 }
@@ -82,17 +85,53 @@ impl BuildError {
     }
 }
 
-/// The build's private work directory; removed (never through a mount) on drop.
-struct WorkDir(PathBuf);
+/// A private work directory, journaled before it is created and removed (never
+/// through a mount) on drop.
+pub struct WorkDir {
+    path: PathBuf,
+    ticket: Option<crate::journal::Ticket>,
+}
+
+impl WorkDir {
+    pub fn create(path: &Path) -> std::io::Result<WorkDir> {
+        let ticket = crate::journal::acquire(crate::journal::Resource::Dir {
+            path: fsutil::absolute(path),
+        });
+        let w = WorkDir {
+            path: path.to_owned(),
+            ticket,
+        };
+        std::fs::create_dir_all(path)?;
+        Ok(w)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        if let Err(e) = fsutil::remove_tree(&self.0) {
-            tracing::error!(
+        match fsutil::remove_tree(&self.path) {
+            Ok(()) => crate::journal::release(self.ticket.take()),
+            Err(e) => tracing::error!(
                 "could not remove the work directory {}: {e}",
-                self.0.display()
-            );
+                self.path.display()
+            ),
         }
+    }
+}
+
+/// Warns about builds that died holding host resources (what `mkimage gc` releases).
+pub fn warn_stale_journals(state_dir: &Path) {
+    for j in crate::journal::stale(state_dir) {
+        tracing::warn!(
+            "an earlier `{}` (pid {}, started {}) died holding {} resource(s) on this host; run `mkimage gc` to release them",
+            j.command,
+            j.pid,
+            j.started,
+            j.outstanding.len()
+        );
     }
 }
 
@@ -111,10 +150,21 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
         .into());
     }
     let cache = Cache::new(&opts.cache_dir);
-    let planned =
-        plan::plan(recipe, &cache).map_err(|e| crate::preflight::PreflightError(e.to_string()))?;
+    let planned = plan::plan_with(recipe, &cache, opts.rebuild_from.as_deref())
+        .map_err(|e| crate::preflight::PreflightError(e.to_string()))?;
     crate::preflight::check_repositories(&planned)?;
     let build_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    warn_stale_journals(&opts.state_dir);
+    let _journal = crate::journal::begin(&opts.state_dir, &build_id, "mkimage build")
+        .map_err(|e| {
+            BuildError::io(
+                format!(
+                    "cannot write the crash journal under {}",
+                    opts.state_dir.display()
+                ),
+                e,
+            )
+        })?;
 
     std::fs::create_dir_all(&opts.output_dir)
         .map_err(|e| BuildError::io(format!("cannot create {}", opts.output_dir.display()), e))?;
@@ -131,9 +181,8 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
     );
 
     let work = opts.state_dir.join("work").join(&build_id);
-    std::fs::create_dir_all(&work)
+    let work_guard = WorkDir::create(&work)
         .map_err(|e| BuildError::io(format!("cannot create {}", work.display()), e))?;
-    let work_guard = WorkDir(work.clone());
 
     let image_path = opts.output_dir.join(&recipe.filename);
     let pending = PendingFile::new(&image_path);
@@ -308,6 +357,8 @@ fn run_stages(
     let start = planned.iter().rposition(|p| p.cached).unwrap_or(0);
     let mut records = Vec::new();
     let n = planned.len();
+    // The last cache layer this tree matches: the next layer hard-links to it.
+    let mut parent_layer: Option<(String, String)> = None;
     for (i, p) in planned.iter().enumerate() {
         let ops = p.stage.ops();
         let name = ops.name();
@@ -315,6 +366,9 @@ fn run_stages(
             // Covered by a later cache entry; its fail point still counts, so a test can
             // inject a failure into every stage whatever the cache holds.
             crate::stage::fail_point(&name).map_err(|e| fail(&name, e))?;
+            if ops.cacheable() {
+                parent_layer = Some((name.clone(), p.key.clone()));
+            }
             records.push(StageRecord {
                 name,
                 key: p.key.clone(),
@@ -345,9 +399,15 @@ fn run_stages(
             return Err(fail(&name, e));
         }
         if ops.cacheable() && !p.cached {
-            if let Err(e) = cache.store(&name, &p.key, &ctx.rootfs) {
+            let parent = parent_layer.as_ref().map(|(s, k)| (s.as_str(), k.as_str()));
+            if let Err(e) = cache.store(&name, &p.key, &ctx.rootfs, parent) {
                 tracing::warn!("could not store stage {name} in the cache: {e:#}");
             }
+            // A store aborted by a signal must not pass for success.
+            signals::check().map_err(|e| fail(&name, e.into()))?;
+        }
+        if ops.cacheable() {
+            parent_layer = Some((name.clone(), p.key.clone()));
         }
         let secs = t.elapsed().as_secs_f64();
         bar.finish_with_message(format!(
@@ -470,10 +530,16 @@ pub fn recipe_digest(recipe: &Recipe) -> String {
 
 /// Current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn rfc3339(secs: u64) -> String {
     let (y, m, d) = civil_date((secs / 86_400) as i64);
     let t = secs % 86_400;
     format!(

@@ -15,6 +15,23 @@ pub struct Cache {
     dir: PathBuf,
 }
 
+/// One cache entry, as `mkimage cache ls` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EntryInfo {
+    /// Directory name under the cache dir (`<stage>-<key prefix>`).
+    pub name: String,
+    pub stage: String,
+    pub key: String,
+    /// Seconds since the epoch.
+    pub created: u64,
+    pub last_used: u64,
+    /// Bytes on disk of all files of the entry.
+    pub bytes: u64,
+    /// Bytes only this entry holds (what removing it frees; layers share
+    /// unchanged files with their parents through hard links).
+    pub exclusive_bytes: u64,
+}
+
 /// Key of a stage: SHA-256 over the parent key, the stage name and its inputs.
 pub fn chain_key(parent: Option<&str>, stage: &str, inputs: &serde_json::Value) -> String {
     let mut h = Sha256::new();
@@ -29,6 +46,15 @@ pub fn chain_key(parent: Option<&str>, stage: &str, inputs: &serde_json::Value) 
     hex::encode(h.finalize())
 }
 
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+type Lock = nix::fcntl::Flock<std::fs::File>;
+
 impl Cache {
     pub fn new(dir: &Path) -> Cache {
         Cache {
@@ -40,7 +66,8 @@ impl Cache {
         &self.dir
     }
 
-    fn entry(&self, stage: &str, key: &str) -> PathBuf {
+    /// Directory of the entry for `stage` with `key`.
+    pub fn entry(&self, stage: &str, key: &str) -> PathBuf {
         self.dir
             .join(format!("{stage}-{}", &key[..32.min(key.len())]))
     }
@@ -50,56 +77,256 @@ impl Cache {
         self.entry(stage, key).join("COMPLETE").exists()
     }
 
-    /// Copies the cached tree to `dest` (which must not exist).
+    /// Copies the cached tree to `dest` (replacing it). Holds a shared lock, so a
+    /// concurrent `prune` cannot remove the entry while it is read.
     pub fn restore(&self, stage: &str, key: &str, dest: &Path) -> anyhow::Result<()> {
-        let src = self.entry(stage, key).join("rootfs");
+        let _lock = self.lock(false)?;
+        let entry = self.entry(stage, key);
+        if !entry.join("COMPLETE").exists() {
+            anyhow::bail!(
+                "cache entry {} disappeared (pruned by another command?); run the build again",
+                entry.display()
+            );
+        }
         if dest.exists() {
             fsutil::remove_tree(dest)?;
         }
-        copy_tree(&src, dest)
+        copy_tree(&entry.join("rootfs"), dest)?;
+        let _ = std::fs::write(entry.join("LAST_USED"), now_secs().to_string());
+        Ok(())
     }
 
-    /// Stores a copy of `tree` as the entry for `key`.
-    pub fn store(&self, stage: &str, key: &str, tree: &Path) -> anyhow::Result<()> {
+    /// Stores a copy of `tree` as the entry for `key`. Files identical to those of
+    /// `parent` (the previous layer's entry) are hard-linked to it rather than
+    /// copied, so a layer costs only what its stage changed.
+    ///
+    /// The copy is made under a temporary name (journaled, so a killed build's
+    /// half-written copy is removed by `gc`) and renamed into place under the
+    /// exclusive lock: a half-written entry is never served.
+    pub fn store(
+        &self,
+        stage: &str,
+        key: &str,
+        tree: &Path,
+        parent: Option<(&str, &str)>,
+    ) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        let _lock = self.lock()?;
         let entry = self.entry(stage, key);
         if entry.join("COMPLETE").exists() {
             return Ok(());
         }
-        let tmp = self
-            .dir
-            .join(format!(".tmp-{stage}-{}", std::process::id()));
-        if tmp.exists() {
-            fsutil::remove_tree(&tmp)?;
+        let tmp = self.dir.join(format!(
+            ".tmp-{stage}-{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ));
+        let tmp_guard = crate::build::WorkDir::create(&tmp)?;
+        let link_dest = parent
+            .map(|(s, k)| self.entry(s, k).join("rootfs"))
+            .filter(|p| p.is_dir());
+        copy_layer(tree, &tmp.join("rootfs"), link_dest.as_deref())?;
+        std::fs::write(tmp.join("KEY"), key)?;
+        std::fs::write(tmp.join("STAGE"), stage)?;
+        let now = now_secs().to_string();
+        std::fs::write(tmp.join("CREATED"), &now)?;
+        std::fs::write(tmp.join("LAST_USED"), &now)?;
+        std::fs::write(tmp.join("COMPLETE"), b"")?;
+        let _lock = self.lock(true)?;
+        if entry.join("COMPLETE").exists() {
+            // Another build stored the same layer meanwhile; ours goes with tmp_guard.
+            return Ok(());
         }
-        std::fs::create_dir_all(&tmp)?;
-        let res = (|| {
-            copy_tree(tree, &tmp.join("rootfs"))?;
-            std::fs::write(tmp.join("KEY"), key)?;
-            std::fs::write(tmp.join("COMPLETE"), b"")?;
-            if entry.exists() {
-                fsutil::remove_tree(&entry)?;
-            }
-            std::fs::rename(&tmp, &entry)?;
-            Ok::<_, anyhow::Error>(())
-        })();
-        if res.is_err() {
-            let _ = fsutil::remove_tree(&tmp);
+        if entry.exists() {
+            fsutil::remove_tree(&entry)?;
         }
-        res
+        std::fs::rename(&tmp, &entry)?;
+        drop(tmp_guard); // the directory is gone: its removal is a no-op
+        Ok(())
     }
 
-    fn lock(&self) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    /// Takes the cache lock: shared for readers, exclusive for writers.
+    fn lock(&self, exclusive: bool) -> anyhow::Result<Lock> {
+        std::fs::create_dir_all(&self.dir)?;
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(self.dir.join(".lock"))?;
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+        let arg = if exclusive {
+            nix::fcntl::FlockArg::LockExclusive
+        } else {
+            nix::fcntl::FlockArg::LockShared
+        };
+        Lock::lock(f, arg).map_err(|(_, e)| {
             anyhow::anyhow!("cannot lock the cache at {}: {e}", self.dir.display())
         })
     }
+
+    /// Every complete entry, with its own and its exclusive size, least recently
+    /// used first; and the bytes the whole cache holds.
+    pub fn entries(&self) -> anyhow::Result<(Vec<EntryInfo>, u64)> {
+        let _lock = self.lock(false)?;
+        self.scan()
+    }
+
+    fn scan(&self) -> anyhow::Result<(Vec<EntryInfo>, u64)> {
+        use std::collections::HashMap;
+        use std::os::unix::fs::MetadataExt;
+        let mut infos = Vec::new();
+        // inode -> (bytes, entries referencing it)
+        let mut inodes: HashMap<(u64, u64), (u64, Vec<usize>)> = HashMap::new();
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Ok((infos, 0));
+        };
+        let mut dirs: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("COMPLETE").exists())
+            .collect();
+        dirs.sort();
+        for dir in dirs {
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+            let name = dir
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            let stage = match read("STAGE") {
+                s if !s.is_empty() => s,
+                // Entries of the first cache version have no STAGE file.
+                _ => name.rsplit_once('-').map(|(s, _)| s).unwrap_or("").into(),
+            };
+            let mtime = std::fs::metadata(dir.join("COMPLETE"))
+                .map(|m| m.mtime().max(0) as u64)
+                .unwrap_or(0);
+            let created = read("CREATED").trim().parse().unwrap_or(mtime);
+            let last_used = read("LAST_USED").trim().parse().unwrap_or(created);
+            let idx = infos.len();
+            let mut bytes = 0;
+            for item in walk(&dir) {
+                let Ok(m) = std::fs::symlink_metadata(&item) else {
+                    continue;
+                };
+                let b = m.blocks() * 512;
+                bytes += b;
+                let refs = inodes.entry((m.dev(), m.ino())).or_insert((b, Vec::new()));
+                if refs.1.last() != Some(&idx) {
+                    refs.1.push(idx);
+                }
+            }
+            infos.push(EntryInfo {
+                name,
+                stage,
+                key: read("KEY").trim().to_owned(),
+                created,
+                last_used,
+                bytes,
+                exclusive_bytes: 0,
+            });
+        }
+        let mut total = 0;
+        for (b, refs) in inodes.values() {
+            total += b;
+            if let [only] = refs.as_slice() {
+                infos[*only].exclusive_bytes += b;
+            }
+        }
+        infos.sort_by_key(|i| (i.last_used, i.created));
+        Ok((infos, total))
+    }
+
+    /// Removes least recently used entries until the cache holds at most
+    /// `max_bytes`, and leftovers of dead writers. Returns the removed entries and
+    /// the bytes the cache holds afterwards. With `dry_run`, removes nothing.
+    pub fn prune(&self, max_bytes: u64, dry_run: bool) -> anyhow::Result<(Vec<EntryInfo>, u64)> {
+        let _lock = self.lock(true)?;
+        if !dry_run {
+            self.remove_dead_temps();
+        }
+        let (infos, mut total) = self.scan()?;
+        // Recompute what each removal frees: an inode is freed when the last entry
+        // referencing it goes.
+        use std::collections::HashMap;
+        use std::os::unix::fs::MetadataExt;
+        let mut refcount: HashMap<(u64, u64), (u64, usize)> = HashMap::new();
+        let mut files_of: Vec<Vec<(u64, u64)>> = Vec::new();
+        for info in &infos {
+            let mut own = Vec::new();
+            for item in walk(&self.dir.join(&info.name)) {
+                if let Ok(m) = std::fs::symlink_metadata(&item) {
+                    let id = (m.dev(), m.ino());
+                    let e = refcount.entry(id).or_insert((m.blocks() * 512, 0));
+                    if !own.contains(&id) {
+                        e.1 += 1;
+                        own.push(id);
+                    }
+                }
+            }
+            files_of.push(own);
+        }
+        let mut removed = Vec::new();
+        for (info, files) in infos.into_iter().zip(files_of) {
+            if total <= max_bytes {
+                break;
+            }
+            for id in files {
+                if let Some(e) = refcount.get_mut(&id) {
+                    e.1 -= 1;
+                    if e.1 == 0 {
+                        total = total.saturating_sub(e.0);
+                    }
+                }
+            }
+            if !dry_run {
+                let dir = self.dir.join(&info.name);
+                // Make the entry incomplete first: never served half-removed.
+                std::fs::remove_file(dir.join("COMPLETE"))?;
+                fsutil::remove_tree(&dir)?;
+            }
+            removed.push(info);
+        }
+        Ok((removed, total))
+    }
+
+    /// `.tmp-*` directories of writers that are no longer running.
+    fn remove_dead_temps(&self) {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(".tmp-") else {
+                continue;
+            };
+            // .tmp-<stage>-<pid>-<rand>; the stage name may contain '-'.
+            let pid = rest
+                .rsplitn(3, '-')
+                .nth(1)
+                .and_then(|p| p.parse::<i32>().ok());
+            if pid.is_some_and(|p| crate::journal::process_start_time(p).is_none()) {
+                let _ = fsutil::remove_tree(&e.path());
+            }
+        }
+    }
+}
+
+/// Every path below `dir` (not following symlinks), `dir` included.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_owned()];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i].clone();
+        i += 1;
+        let is_dir = std::fs::symlink_metadata(&p)
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
+        if is_dir {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                out.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    out
 }
 
 /// Copies a tree preserving owners, modes, links, xattrs; reflinks where the
@@ -111,6 +338,57 @@ pub fn copy_tree(src: &Path, dest: &Path) -> anyhow::Result<()> {
         .arg(dest)
         .run()?;
     Ok(())
+}
+
+/// Copies `src` to `dest` as a cache layer: with rsync, files unchanged since
+/// `link_dest` (same size, nanosecond mtime, mode, owner, xattrs) become hard links
+/// to it. Without rsync, a full copy.
+fn copy_layer(src: &Path, dest: &Path, link_dest: Option<&Path>) -> anyhow::Result<()> {
+    if crate::host::fsutil::which("rsync").is_none() {
+        tracing::info!("rsync not found: cache layers are stored as full copies");
+        return copy_tree(src, dest);
+    }
+    let mut c = Cmd::new("rsync").args([
+        "-aHAX",
+        "--numeric-ids",
+        // Compare nanoseconds too: a file rewritten within the same second with the
+        // same size must not be taken for the parent's.
+        "--modify-window=-1",
+    ]);
+    if let Some(l) = link_dest {
+        c = c.arg(format!("--link-dest={}", crate::host::fsutil::absolute(l).display()));
+    }
+    let mut s = src.as_os_str().to_owned();
+    s.push("/");
+    c.arg(s).arg(dest).run()?;
+    Ok(())
+}
+
+/// Parses sizes like `5G`, `500M`, `1024` (MiB when no unit), `0`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let m: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit in `{s}` (use K, M, G or T)")),
+            };
+            (&t[..i], m)
+        }
+        None => (t, 1 << 20),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 5G, 500M)"))?;
+    if n < 0.0 {
+        return Err(format!("`{s}`: a size cannot be negative"));
+    }
+    Ok((n * mult as f64) as u64)
 }
 
 #[cfg(test)]
@@ -173,7 +451,7 @@ mod tests {
         std::fs::write(tree.join("etc/hostname"), "x\n").unwrap();
         let cache = Cache::new(&d.path().join("cache"));
         assert!(!cache.contains("s", "k1"));
-        cache.store("s", "k1", &tree).unwrap();
+        cache.store("s", "k1", &tree, None).unwrap();
         assert!(cache.contains("s", "k1"));
         let out = d.path().join("out");
         cache.restore("s", "k1", &out).unwrap();
@@ -181,5 +459,122 @@ mod tests {
             std::fs::read_to_string(out.join("etc/hostname")).unwrap(),
             "x\n"
         );
+    }
+
+    fn tree_with(dir: &Path, files: &[(&str, usize)]) {
+        for (name, size) in files {
+            let p = dir.join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, vec![b'x'; *size]).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_layer_shares_unchanged_files_with_its_parent() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        tree_with(&tree, &[("usr/big", 1 << 20), ("etc/conf", 10)]);
+        let cache = Cache::new(&d.path().join("cache"));
+        cache.store("base", "k1", &tree, None).unwrap();
+        // The next stage changes one small file and adds one.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        tree_with(&tree, &[("etc/conf", 11), ("etc/new", 100)]);
+        cache
+            .store("svc", "k2", &tree, Some(("base", "k1")))
+            .unwrap();
+        let a = cache.entry("base", "k1").join("rootfs");
+        let b = cache.entry("svc", "k2").join("rootfs");
+        let ino = |p: PathBuf| std::fs::metadata(p).unwrap().ino();
+        if crate::host::fsutil::which("rsync").is_some() {
+            assert_eq!(ino(a.join("usr/big")), ino(b.join("usr/big")));
+        }
+        assert_ne!(ino(a.join("etc/conf")), ino(b.join("etc/conf")));
+        assert_eq!(std::fs::read(b.join("etc/conf")).unwrap().len(), 11);
+        assert_eq!(std::fs::read(a.join("etc/conf")).unwrap().len(), 10);
+
+        let (entries, total) = cache.entries().unwrap();
+        assert_eq!(entries.len(), 2);
+        let svc = entries.iter().find(|e| e.stage == "svc").unwrap();
+        assert_eq!(svc.key, "k2");
+        assert!(svc.bytes >= 1 << 20);
+        if crate::host::fsutil::which("rsync").is_some() {
+            // The shared 1 MiB counts once in the total and for neither entry alone.
+            assert!(svc.exclusive_bytes < 64 << 10, "{svc:?}");
+            assert!(total < (1 << 20) + (256 << 10), "{total}");
+        }
+
+        // Restoring the layer gives an independent copy.
+        let out = d.path().join("out");
+        cache.restore("svc", "k2", &out).unwrap();
+        std::fs::write(out.join("usr/big"), b"changed").unwrap();
+        assert_eq!(std::fs::read(b.join("usr/big")).unwrap().len(), 1 << 20);
+    }
+
+    #[test]
+    fn prune_removes_least_recently_used_until_under_the_limit() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::new(&d.path().join("cache"));
+        for (i, k) in ["old", "mid", "new"].iter().enumerate() {
+            let t = d.path().join(k);
+            tree_with(&t, &[("f", 256 << 10)]);
+            cache.store("s", k, &t, None).unwrap();
+            std::fs::write(
+                cache.entry("s", k).join("LAST_USED"),
+                (1000 + i).to_string(),
+            )
+            .unwrap();
+        }
+        let (_, total) = cache.entries().unwrap();
+        // A dry run removes nothing.
+        let (would, _) = cache.prune(total - 1, true).unwrap();
+        assert_eq!(would.len(), 1);
+        assert!(cache.contains("s", "old"));
+        let (removed, left) = cache.prune(total - 1, false).unwrap();
+        assert_eq!(removed.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(), ["old"]);
+        assert!(left < total);
+        assert!(!cache.contains("s", "old"));
+        assert!(cache.contains("s", "mid") && cache.contains("s", "new"));
+        let (removed, left) = cache.prune(0, false).unwrap();
+        assert_eq!(removed.len(), 2);
+        assert!(left < 64 << 10, "{left}");
+        assert!(cache.entries().unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn concurrent_stores_of_one_layer_leave_one_complete_entry() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        tree_with(&tree, &[("a", 4096), ("b/c", 4096)]);
+        let dir = d.path().join("cache");
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let (dir, tree) = (dir.clone(), tree.clone());
+                std::thread::spawn(move || Cache::new(&dir).store("s", "k", &tree, None))
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap().unwrap();
+        }
+        let cache = Cache::new(&dir);
+        assert!(cache.contains("s", "k"));
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".lock")
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("5G").unwrap(), 5 << 30);
+        assert_eq!(parse_size("500M").unwrap(), 500 << 20);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("0").unwrap(), 0);
+        assert_eq!(parse_size("12").unwrap(), 12 << 20);
+        assert!(parse_size("5X").is_err());
+        assert!(parse_size("lots").is_err());
     }
 }

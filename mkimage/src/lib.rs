@@ -11,6 +11,7 @@ pub mod cache;
 pub mod context;
 pub mod disk;
 pub mod host;
+pub mod journal;
 pub mod logging;
 pub mod manifest;
 pub mod plan;

@@ -55,6 +55,10 @@ On failure or Ctrl-C nothing is left mounted or attached and no file appears at 
         /// Print the plan and stop (same as `mkimage plan`).
         #[arg(long)]
         dry_run: bool,
+        /// Run this stage and every later one even when the cache has them (e.g.
+        /// `--rebuild-from debootstrap` to take fresh packages from the mirror).
+        #[arg(long, value_name = "STAGE")]
+        rebuild_from: Option<String>,
     },
     /// Show the ordered stages, their inputs, cache keys and cache hits, without touching the host.
     #[command(
@@ -66,6 +70,25 @@ On failure or Ctrl-C nothing is left mounted or attached and no file appears at 
         #[arg(long, env = "MKIMAGE_CACHE_DIR", default_value = "/var/cache/mkimage")]
         cache_dir: PathBuf,
         /// Print the recipe as JSON after resolving defaults and overrides.
+        #[arg(long)]
+        json: bool,
+        /// Plan as `build --rebuild-from STAGE` would.
+        #[arg(long, value_name = "STAGE")]
+        rebuild_from: Option<String>,
+    },
+    /// Inspect or shrink the stage cache.
+    #[command(subcommand)]
+    Cache(CacheCmd),
+    /// Release what dead builds left on this host (mounts, loop devices, processes,
+    /// partial files, work directories), as recorded in their crash journals.
+    #[command(after_help = "Every build writes down what it is about to mount, attach, start or create before doing so (STATE_DIR/journal/). A build killed with SIGKILL, or a power loss, leaves its journal behind; `mkimage gc` finds journals whose process is gone and releases what they list, in reverse order. Journals of running builds are left alone. `mkimage build` warns at start when there is something to collect.\n\nExit code 1 when something could not be released.")]
+    Gc {
+        #[arg(long, env = "MKIMAGE_STATE_DIR", default_value = "/var/lib/mkimage")]
+        state_dir: PathBuf,
+        /// Only report what would be released.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the actions as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -138,6 +161,32 @@ software hypervisor) TCG is used and the reason is printed."
     Preinstall(mkimage::preinstall::PreinstallArgs),
     /// Print the JSON Schema of the TOML recipe format.
     Schema,
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// List cache entries (least recently used first) with their sizes.
+    Ls {
+        #[arg(long, env = "MKIMAGE_CACHE_DIR", default_value = "/var/cache/mkimage")]
+        cache_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove least recently used entries until the cache is at most --max-size.
+    #[command(after_help = "Examples:\n  mkimage cache prune --max-size 5G\n  mkimage cache prune --max-size 0   # empty it\n\n\
+Layers share unchanged files with their parent layer through hard links, so removing an \
+entry frees only what no other entry holds. Safe while builds run: a build reading an \
+entry holds a shared lock, and entries are made incomplete before they are removed.")]
+    Prune {
+        #[arg(long, env = "MKIMAGE_CACHE_DIR", default_value = "/var/cache/mkimage")]
+        cache_dir: PathBuf,
+        /// Largest size to keep: 5G, 500M, 0 …
+        #[arg(long, value_parser = mkimage::cache::parse_size)]
+        max_size: u64,
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -257,7 +306,95 @@ fn bad_input(e: impl std::fmt::Display) -> Failure {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Preinstall(args) => match mkimage::preinstall::run(&args) {
+        Command::Gc {
+            state_dir,
+            dry_run,
+            json,
+        } => {
+            let actions = mkimage::journal::collect(&state_dir, dry_run);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&actions).unwrap_or_default()
+                );
+            } else if actions.is_empty() {
+                println!("nothing to collect: no dead build left a journal");
+            } else {
+                for a in &actions {
+                    println!("build {}: {}: {}", a.journal, a.resource, a.outcome);
+                }
+            }
+            match actions.iter().filter(|a| !a.ok).count() {
+                0 => Ok(()),
+                n => Err((
+                    EXIT_FAILED,
+                    format!("{n} resource(s) could not be released; see above"),
+                )),
+            }
+        }
+        Command::Cache(CacheCmd::Ls { cache_dir, json }) => {
+            let cache = mkimage::cache::Cache::new(&cache_dir);
+            let (entries, total) = cache.entries().map_err(|e| (EXIT_FAILED, format!("{e:#}")))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"dir": cache_dir, "total_bytes": total, "entries": entries})
+                );
+                return Ok(());
+            }
+            println!(
+                "{:<14} {:<18} {:>10} {:>10}  {:<20}  created",
+                "stage", "key", "size", "exclusive", "last used"
+            );
+            for e in &entries {
+                println!(
+                    "{:<14} {:<18} {:>10} {:>10}  {:<20}  {}",
+                    e.stage,
+                    &e.key[..16.min(e.key.len())],
+                    human(e.bytes),
+                    human(e.exclusive_bytes),
+                    mkimage::build::rfc3339(e.last_used),
+                    mkimage::build::rfc3339(e.created)
+                );
+            }
+            println!(
+                "{} entries, {} on disk in {} (layers share unchanged files)",
+                entries.len(),
+                human(total),
+                cache_dir.display()
+            );
+            Ok(())
+        }
+        Command::Cache(CacheCmd::Prune {
+            cache_dir,
+            max_size,
+            dry_run,
+        }) => {
+            let cache = mkimage::cache::Cache::new(&cache_dir);
+            let (removed, left) = cache
+                .prune(max_size, dry_run)
+                .map_err(|e| (EXIT_FAILED, format!("{e:#}")))?;
+            for e in &removed {
+                println!(
+                    "{} {} {} ({} exclusive)",
+                    if dry_run { "would remove" } else { "removed" },
+                    e.stage,
+                    &e.key[..16.min(e.key.len())],
+                    human(e.exclusive_bytes)
+                );
+            }
+            println!(
+                "{} entries {}; the cache {} {}",
+                removed.len(),
+                if dry_run { "to remove" } else { "removed" },
+                if dry_run { "would hold" } else { "holds" },
+                human(left)
+            );
+            Ok(())
+        }
+        Command::Preinstall(args) => match with_journal("mkimage preinstall", || {
+            mkimage::preinstall::run(&args)
+        }) {
             Ok(rep) => {
                 println!("{}", rep.output.display());
                 eprintln!(
@@ -289,6 +426,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             input,
             cache_dir,
             json,
+            rebuild_from,
         } => {
             let r = input.load().map_err(bad_input)?;
             let cache = mkimage::cache::Cache::new(&cache_dir);
@@ -296,7 +434,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
                 return Ok(());
             }
-            let planned = mkimage::plan::plan(&r, &cache).map_err(bad_input)?;
+            let planned = mkimage::plan::plan_with(&r, &cache, rebuild_from.as_deref())
+                .map_err(bad_input)?;
             print!("{}", mkimage::plan::render(&r, &planned, &cache));
             if let Some(msg) = recipe::preflight_dist_message(&r) {
                 println!("\nnote: {msg}");
@@ -309,11 +448,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             cache_dir,
             state_dir,
             dry_run,
+            rebuild_from,
         } => {
             let r = input.load().map_err(bad_input)?;
             let cache = mkimage::cache::Cache::new(&cache_dir);
             if dry_run {
-                let planned = mkimage::plan::plan(&r, &cache).map_err(bad_input)?;
+                let planned = mkimage::plan::plan_with(&r, &cache, rebuild_from.as_deref())
+                    .map_err(bad_input)?;
                 print!("{}", mkimage::plan::render(&r, &planned, &cache));
                 return Ok(());
             }
@@ -322,6 +463,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 state_dir,
                 cache_dir,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                rebuild_from,
             };
             match mkimage::build::build(&r, &opts) {
                 Ok(rep) => {
@@ -455,7 +597,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 image.display(),
                 log.display()
             );
-            match mkimage::boot::boot_test(&o) {
+            match with_journal("mkimage boot-test", || mkimage::boot::boot_test(&o)) {
                 Ok(r) => {
                     println!(
                         "ready after {:.1} s under {}{}",
@@ -473,6 +615,37 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 Err(e) => Err((EXIT_FAILED, e.to_string())),
             }
         }
+    }
+}
+
+/// Runs `f` with a crash journal (see `mkimage gc`); without one if the state
+/// directory cannot be written (e.g. not root), which only loses the gc safety net.
+fn with_journal<T>(command: &str, f: impl FnOnce() -> T) -> T {
+    let state = mkimage::build::default_state_dir();
+    mkimage::build::warn_stale_journals(&state);
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let _journal = match mkimage::journal::begin(&state, &id, command) {
+        Ok(j) => Some(j),
+        Err(e) => {
+            tracing::debug!("no crash journal under {}: {e}", state.display());
+            None
+        }
+    };
+    f()
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }
 

@@ -106,14 +106,41 @@ pub fn stages(recipe: &Recipe) -> Result<Vec<Stage>, crate::service::ServiceErro
 }
 
 /// Stages with chained keys and cache state.
-pub fn plan(recipe: &Recipe, cache: &Cache) -> Result<Vec<Planned>, crate::service::ServiceError> {
+pub fn plan(recipe: &Recipe, cache: &Cache) -> Result<Vec<Planned>, PlanError> {
+    plan_with(recipe, cache, None)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Service(#[from] crate::service::ServiceError),
+    #[error("--rebuild-from {0}: this recipe has no such stage (its stages: {1})")]
+    NoSuchStage(String, String),
+}
+
+/// Like [`plan`], ignoring cache hits from stage `rebuild_from` on.
+pub fn plan_with(
+    recipe: &Recipe,
+    cache: &Cache,
+    rebuild_from: Option<&str>,
+) -> Result<Vec<Planned>, PlanError> {
+    let all = stages(recipe)?;
+    let names: Vec<String> = all.iter().map(|s| s.ops().name()).collect();
+    let rebuild_at = match rebuild_from {
+        None => names.len(),
+        Some(r) => names
+            .iter()
+            .position(|n| n == r)
+            .ok_or_else(|| PlanError::NoSuchStage(r.to_owned(), names.join(", ")))?,
+    };
     let mut parent: Option<String> = None;
-    Ok(stages(recipe)?
+    Ok(all
         .into_iter()
-        .map(|stage| {
+        .enumerate()
+        .map(|(i, stage)| {
             let ops = stage.ops();
             let key = chain_key(parent.as_deref(), &ops.name(), &ops.inputs());
-            let cached = ops.cacheable() && cache.contains(&ops.name(), &key);
+            let cached = i < rebuild_at && ops.cacheable() && cache.contains(&ops.name(), &key);
             parent = Some(key.clone());
             Planned { stage, key, cached }
         })

@@ -141,6 +141,10 @@ impl Cmd {
         for (k, v) in &self.envs {
             c.env(k, v);
         }
+        // Marks the command (and whatever it starts) as this build's, for `mkimage gc`.
+        if let Some(id) = crate::journal::active_id() {
+            c.env(crate::journal::ENV_MARKER, id);
+        }
         if let Some(d) = &self.cwd {
             c.current_dir(d);
         }
@@ -149,6 +153,14 @@ impl Cmd {
             program: self.program.to_string_lossy().into_owned(),
             source,
         })?;
+        // Journaled right after the spawn (its pid is not known before): if we die in
+        // between, gc still finds the group by the environment marker.
+        let ticket = crate::journal::acquire(crate::journal::Resource::ProcessGroup {
+            pgid: child.id() as i32,
+            start_time: crate::journal::process_start_time(child.id() as i32).unwrap_or(0),
+            program: self.program.to_string_lossy().into_owned(),
+        });
+        let _release = ReleaseOnDrop(ticket);
         if let Some(data) = self.stdin {
             let mut stdin = child.stdin.take().expect("piped stdin");
             std::thread::spawn(move || {
@@ -222,6 +234,15 @@ impl Cmd {
                 stderr_tail,
             })
         }
+    }
+}
+
+/// Releases a journal ticket when the command has been waited for, on every path.
+struct ReleaseOnDrop(Option<crate::journal::Ticket>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        crate::journal::release(self.0.take());
     }
 }
 

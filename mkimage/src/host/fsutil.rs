@@ -62,7 +62,7 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-fn unescape_mountinfo(s: &str) -> String {
+pub fn unescape_mountinfo(s: &str) -> String {
     // mountinfo escapes space, tab, newline and backslash as \ooo.
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -161,6 +161,7 @@ pub struct PendingFile {
     temp: PathBuf,
     dest: PathBuf,
     committed: bool,
+    ticket: Option<crate::journal::Ticket>,
 }
 
 impl PendingFile {
@@ -170,10 +171,14 @@ impl PendingFile {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let temp = dest.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+        let ticket = crate::journal::acquire(crate::journal::Resource::Partial {
+            path: absolute(&temp),
+        });
         PendingFile {
             temp,
             dest: dest.to_owned(),
             committed: false,
+            ticket,
         }
     }
 
@@ -195,6 +200,7 @@ impl PendingFile {
             }
         }
         self.committed = true;
+        crate::journal::release(self.ticket.take());
         Ok(self.dest.clone())
     }
 }
@@ -205,7 +211,16 @@ impl Drop for PendingFile {
             tracing::debug!("removing unfinished {}", self.temp.display());
             let _ = std::fs::remove_file(&self.temp);
         }
+        if !self.temp.exists() {
+            crate::journal::release(self.ticket.take());
+        }
     }
+}
+
+/// `p` made absolute against the current directory (journal entries must not
+/// depend on where `gc` runs).
+pub fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ pub struct LoopDevice {
     device: loopdev::LoopDevice,
     path: PathBuf,
     attached: bool,
+    ticket: Option<crate::journal::Ticket>,
 }
 
 impl LoopDevice {
@@ -37,6 +38,11 @@ impl LoopDevice {
             size,
             source,
         };
+        let ticket = crate::journal::acquire(crate::journal::Resource::Loop {
+            backing: crate::host::fsutil::absolute(file),
+            offset,
+        });
+        let attached = (|| {
         let control = loopdev::LoopControl::open().map_err(err)?;
         let device = control.next_free().map_err(err)?;
         let mut attach = device
@@ -51,6 +57,15 @@ impl LoopDevice {
         let path = device
             .path()
             .ok_or_else(|| err(std::io::Error::other("loop device has no path")))?;
+        Ok((device, path))
+        })();
+        let (device, path) = match attached {
+            Ok(v) => v,
+            Err(e) => {
+                crate::journal::release(ticket);
+                return Err(e);
+            }
+        };
         tracing::debug!(
             "attached {} at offset {offset} as {}",
             file.display(),
@@ -60,6 +75,7 @@ impl LoopDevice {
             device,
             path,
             attached: true,
+            ticket,
         })
     }
 
@@ -70,7 +86,9 @@ impl LoopDevice {
     /// Detaches now, reporting failure.
     pub fn detach(mut self) -> std::io::Result<()> {
         self.attached = false;
-        self.device.detach()
+        self.device.detach()?;
+        crate::journal::release(self.ticket.take());
+        Ok(())
     }
 }
 
@@ -82,6 +100,7 @@ impl Drop for LoopDevice {
                 tracing::warn!("could not detach {}: {e}", self.path.display());
             } else {
                 tracing::debug!("detached {}", self.path.display());
+                crate::journal::release(self.ticket.take());
             }
         }
     }

@@ -17,6 +17,13 @@ pub struct MountError {
 pub struct MountGuard {
     target: PathBuf,
     active: bool,
+    ticket: Option<crate::journal::Ticket>,
+}
+
+fn journal(target: &Path) -> Option<crate::journal::Ticket> {
+    crate::journal::acquire(crate::journal::Resource::Mount {
+        target: crate::host::fsutil::absolute(target),
+    })
 }
 
 impl MountGuard {
@@ -27,6 +34,7 @@ impl MountGuard {
         fstype: &str,
         options: Option<&str>,
     ) -> Result<MountGuard, MountError> {
+        let ticket = journal(target);
         mount(
             Some(source),
             target,
@@ -34,15 +42,19 @@ impl MountGuard {
             MsFlags::empty(),
             options,
         )
-        .map_err(|e| MountError {
-            what: format!("{} ({fstype})", source.display()),
-            target: target.to_owned(),
-            source: e,
+        .map_err(|e| {
+            crate::journal::release(ticket);
+            MountError {
+                what: format!("{} ({fstype})", source.display()),
+                target: target.to_owned(),
+                source: e,
+            }
         })?;
         tracing::debug!("mounted {} on {}", source.display(), target.display());
         Ok(MountGuard {
             target: target.to_owned(),
             active: true,
+            ticket,
         })
     }
 
@@ -50,6 +62,7 @@ impl MountGuard {
     /// recursive bind of the host's /dev would make a later recursive unmount reach
     /// into the host's own mounts.
     pub fn bind(source: &Path, target: &Path) -> Result<MountGuard, MountError> {
+        let ticket = journal(target);
         mount(
             Some(source),
             target,
@@ -57,10 +70,13 @@ impl MountGuard {
             MsFlags::MS_BIND,
             None::<&str>,
         )
-        .map_err(|e| MountError {
-            what: format!("bind of {}", source.display()),
-            target: target.to_owned(),
-            source: e,
+        .map_err(|e| {
+            crate::journal::release(ticket);
+            MountError {
+                what: format!("bind of {}", source.display()),
+                target: target.to_owned(),
+                source: e,
+            }
         })?;
         // Keep mount events inside from propagating back to the host.
         let _ = mount(
@@ -74,6 +90,7 @@ impl MountGuard {
         Ok(MountGuard {
             target: target.to_owned(),
             active: true,
+            ticket,
         })
     }
 
@@ -84,15 +101,18 @@ impl MountGuard {
     /// Unmounts now, reporting failure (Drop does the same but can only log).
     pub fn unmount(mut self) -> std::io::Result<()> {
         self.active = false;
-        unmount(&self.target)
+        unmount(&self.target)?;
+        crate::journal::release(self.ticket.take());
+        Ok(())
     }
 }
 
 impl Drop for MountGuard {
     fn drop(&mut self) {
         if self.active {
-            if let Err(e) = unmount(&self.target) {
-                tracing::error!("could not unmount {}: {e}", self.target.display());
+            match unmount(&self.target) {
+                Ok(()) => crate::journal::release(self.ticket.take()),
+                Err(e) => tracing::error!("could not unmount {}: {e}", self.target.display()),
             }
         }
     }

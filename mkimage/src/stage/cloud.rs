@@ -39,6 +39,11 @@ impl StageOps for Cloud {
         .to_lowercase()
     }
 
+    /// A cache layer: its inputs define the tree it leaves.
+    fn cacheable(&self) -> bool {
+        true
+    }
+
     fn inputs(&self) -> serde_json::Value {
         json!({ "cloud": self.cloud, "units": self.network_units() })
     }

@@ -115,6 +115,11 @@ impl StageOps for Core {
         )
     }
 
+    /// A cache layer: its inputs define the tree it leaves.
+    fn cacheable(&self) -> bool {
+        true
+    }
+
     fn inputs(&self) -> serde_json::Value {
         json!({
             "cps_sha256": digest_file(&self.cps_binary),

@@ -23,6 +23,11 @@ impl StageOps for Finalize {
         "remove apt caches and lists, temporary files".into()
     }
 
+    /// A cache layer: its inputs define the tree it leaves.
+    fn cacheable(&self) -> bool {
+        true
+    }
+
     fn inputs(&self) -> serde_json::Value {
         json!({ "residue": RESIDUE })
     }

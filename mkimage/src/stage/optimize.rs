@@ -44,6 +44,11 @@ impl StageOps for Optimize {
         )
     }
 
+    /// A cache layer: its inputs define the tree it leaves.
+    fn cacheable(&self) -> bool {
+        true
+    }
+
     fn inputs(&self) -> serde_json::Value {
         json!({ "roots": self.roots, "excludes": DPKG_EXCLUDES })
     }

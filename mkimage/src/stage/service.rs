@@ -34,6 +34,11 @@ impl StageOps for Service {
         d
     }
 
+    /// A cache layer: its inputs define the tree it leaves.
+    fn cacheable(&self) -> bool {
+        true
+    }
+
     fn inputs(&self) -> serde_json::Value {
         use sha2::Digest;
         json!({

@@ -39,6 +39,11 @@ impl StageOps for System {
         )
     }
 
+    /// A cache layer: its inputs define the tree it leaves.
+    fn cacheable(&self) -> bool {
+        true
+    }
+
     fn inputs(&self) -> serde_json::Value {
         json!({
             "hostname": self.hostname,
