@@ -138,6 +138,7 @@ pub fn warn_stale_journals(state_dir: &Path) {
 pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     signals::install();
     let started = Instant::now();
+    warn_stale_journals(&opts.state_dir);
     for w in &recipe.warnings {
         tracing::warn!("{w}");
     }
@@ -154,7 +155,6 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
         .map_err(|e| crate::preflight::PreflightError(e.to_string()))?;
     crate::preflight::check_repositories(&planned)?;
     let build_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    warn_stale_journals(&opts.state_dir);
     let _journal = crate::journal::begin(&opts.state_dir, &build_id, "mkimage build")
         .map_err(|e| {
             BuildError::io(

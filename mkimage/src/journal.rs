@@ -356,7 +356,10 @@ pub fn collect(state_dir: &Path, dry_run: bool) -> Vec<GcAction> {
                 _ => {}
             }
         }
-        targets.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        targets.sort_by(|a, b| {
+            (std::cmp::Reverse(a.components().count()), a)
+                .cmp(&(std::cmp::Reverse(b.components().count()), b))
+        });
         targets.dedup();
         for t in targets {
             act(format!("mount on {}", t.display()), unmount(&t, dry_run));

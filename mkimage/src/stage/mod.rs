@@ -121,7 +121,18 @@ impl Stage {
 /// Test-only fault injection: `MKIMAGE_TEST_FAIL_STAGE=<stage name>` makes that stage
 /// fail at its fail point — placed where it holds the most host resources — so tests
 /// can prove that a failure anywhere leaves nothing behind.
+///
+/// `MKIMAGE_TEST_PAUSE_STAGE=<stage name>` makes the stage stop at the same point for
+/// two seconds, holding what it holds, after printing `mkimage-test: paused in
+/// <stage>`: the fault-sweep test sends its signals around that window.
 pub fn fail_point(stage: &str) -> StageResult {
+    if std::env::var("MKIMAGE_TEST_PAUSE_STAGE").is_ok_and(|s| s == stage) {
+        eprintln!("mkimage-test: paused in {stage}");
+        for _ in 0..40 {
+            crate::host::signals::check()?;
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
     match std::env::var("MKIMAGE_TEST_FAIL_STAGE") {
         Ok(s) if s == stage => {
             anyhow::bail!("injected failure in stage `{stage}` (MKIMAGE_TEST_FAIL_STAGE)")
