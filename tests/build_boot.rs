@@ -4,7 +4,7 @@
 use e2e::*;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const STAGES: [&str; 8] = [
     "debootstrap",

@@ -220,7 +220,11 @@ fn every_stage_fails_and_is_interrupted_cleanly() {
         let sb = Sandbox::new();
         let mut c = build(&sb, stage);
         c.env("MKIMAGE_TEST_FAIL_STAGE", stage);
-        let child = c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let pid = child.id();
         let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -264,7 +268,10 @@ fn every_stage_fails_and_is_interrupted_cleanly() {
 
         // 4. The next build in the same state dir succeeds.
         let out = run(&mut build(&sb, "output"));
-        assert!(out.status.success(), "{stage}: rerun after the faults failed");
+        assert!(
+            out.status.success(),
+            "{stage}: rerun after the faults failed"
+        );
         assert!(sb.out().join("sweep.img").exists());
         assert_clean(sb.path());
         eprintln!(

@@ -129,3 +129,85 @@ fn register_ec2_records_the_ami_in_the_manifest_and_refuses_a_changed_image() {
         1
     );
 }
+
+/// Snapshot ids moto holds, read with a plain EC2 query call (not our code).
+fn moto_snapshots(moto: &Moto) -> Vec<String> {
+    let out = Command::new("curl")
+        .args(["-s", "-H"])
+        .arg("Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ec2/aws4_request, SignedHeaders=host, Signature=0")
+        .arg(format!(
+            "http://127.0.0.1:{}/?Action=DescribeSnapshots&Version=2016-11-15&Owner.1=self",
+            moto.port
+        ))
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    body.split("<snapshotId>")
+        .skip(1)
+        .filter_map(|s| s.split("</snapshotId>").next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `kill -9` in the middle of an upload leaves a half-made snapshot in the cloud;
+/// the crash journal names it (by its build-id tag) and `mkimage gc` deletes it.
+#[test]
+fn a_killed_registration_leaves_a_snapshot_that_gc_deletes() {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let img = image_with_manifest(dir.path());
+    let before = moto_snapshots(&moto);
+    let mut child = mkimage()
+        .args(["register", "ec2"])
+        .arg(&img)
+        .arg("--endpoint-url")
+        .arg(format!("http://127.0.0.1:{}", moto.port))
+        .args(["--region", "us-east-1"])
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("MKIMAGE_STATE_DIR", &state)
+        .env("MKIMAGE_TEST_PAUSE_AFTER_START_SNAPSHOT", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let stderr = child.stderr.take().unwrap();
+    let mut snap = String::new();
+    for line in std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+    {
+        eprintln!("{line}");
+        if let Some(s) = line.strip_prefix("mkimage-test: paused after StartSnapshot ") {
+            snap = s.trim().to_owned();
+            break;
+        }
+    }
+    assert!(
+        snap.starts_with("snap-"),
+        "never paused after StartSnapshot"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let after_kill = moto_snapshots(&moto);
+    assert!(
+        after_kill.contains(&snap) && !before.contains(&snap),
+        "moto should hold the orphan {snap}: {after_kill:?}"
+    );
+    let gc = run(mkimage()
+        .arg("gc")
+        .env("MKIMAGE_STATE_DIR", &state)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing"));
+    assert!(gc.status.success());
+    let said = String::from_utf8_lossy(&gc.stdout);
+    assert!(said.contains(&format!("deleted {snap}")), "{said}");
+    assert!(
+        !moto_snapshots(&moto).contains(&snap),
+        "the orphan snapshot survived gc"
+    );
+    let again = run(mkimage().arg("gc").env("MKIMAGE_STATE_DIR", &state));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to collect"));
+}

@@ -155,8 +155,8 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
         .map_err(|e| crate::preflight::PreflightError(e.to_string()))?;
     crate::preflight::check_repositories(&planned)?;
     let build_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let _journal = crate::journal::begin(&opts.state_dir, &build_id, "mkimage build")
-        .map_err(|e| {
+    let _journal =
+        crate::journal::begin(&opts.state_dir, &build_id, "mkimage build").map_err(|e| {
             BuildError::io(
                 format!(
                     "cannot write the crash journal under {}",

@@ -300,7 +300,7 @@ impl Cache {
             };
             // .tmp-<stage>-<pid>-<rand>; the stage name may contain '-'.
             let pid = rest
-                .rsplitn(3, '-')
+                .rsplit('-')
                 .nth(1)
                 .and_then(|p| p.parse::<i32>().ok());
             if pid.is_some_and(|p| crate::journal::process_start_time(p).is_none()) {
@@ -356,7 +356,10 @@ fn copy_layer(src: &Path, dest: &Path, link_dest: Option<&Path>) -> anyhow::Resu
         "--modify-window=-1",
     ]);
     if let Some(l) = link_dest {
-        c = c.arg(format!("--link-dest={}", crate::host::fsutil::absolute(l).display()));
+        c = c.arg(format!(
+            "--link-dest={}",
+            crate::host::fsutil::absolute(l).display()
+        ));
     }
     let mut s = src.as_os_str().to_owned();
     s.push("/");
@@ -531,7 +534,10 @@ mod tests {
         assert_eq!(would.len(), 1);
         assert!(cache.contains("s", "old"));
         let (removed, left) = cache.prune(total - 1, false).unwrap();
-        assert_eq!(removed.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(), ["old"]);
+        assert_eq!(
+            removed.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(),
+            ["old"]
+        );
         assert!(left < total);
         assert!(!cache.contains("s", "old"));
         assert!(cache.contains("s", "mid") && cache.contains("s", "new"));

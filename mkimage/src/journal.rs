@@ -50,6 +50,11 @@ pub enum Resource {
         start_time: u64,
         program: String,
     },
+    /// Something a registration creates in a cloud (found again by its build-id tag).
+    Cloud {
+        // Nested, not flattened: the resource has a `kind` field of its own.
+        resource: register::journal::CloudResource,
+    },
 }
 
 impl Resource {
@@ -65,6 +70,7 @@ impl Resource {
                 format!("process group {pgid} ({program})")
             }
             Resource::Process { pid, program, .. } => format!("process {pid} ({program})"),
+            Resource::Cloud { resource } => format!("cloud resource: {}", resource.describe()),
         }
     }
 }
@@ -181,6 +187,21 @@ pub fn acquire(resource: Resource) -> Option<Ticket> {
     }
     a.outstanding.insert(n, resource);
     Some(Ticket(n))
+}
+
+/// Forwards the registration library's cloud resources into this journal.
+pub struct CloudHook;
+
+impl register::journal::ResourceHook for CloudHook {
+    fn acquire(&self, r: &register::journal::CloudResource) -> Option<u64> {
+        acquire(Resource::Cloud {
+            resource: r.clone(),
+        })
+        .map(|Ticket(n)| n)
+    }
+    fn release(&self, ticket: Option<u64>) {
+        release(ticket.map(Ticket));
+    }
 }
 
 /// Records that a resource was given back.
@@ -332,9 +353,9 @@ pub fn collect(state_dir: &Path, dry_run: bool) -> Vec<GcAction> {
                 Resource::ProcessGroup {
                     pgid, start_time, ..
                 } => act(r.describe(), kill_group(*pgid, *start_time, dry_run)),
-                Resource::Process { pid, start_time, .. } => {
-                    act(r.describe(), kill_one(*pid, *start_time, dry_run))
-                }
+                Resource::Process {
+                    pid, start_time, ..
+                } => act(r.describe(), kill_one(*pid, *start_time, dry_run)),
                 _ => {}
             }
         }
@@ -343,6 +364,32 @@ pub fn collect(state_dir: &Path, dry_run: bool) -> Vec<GcAction> {
                 format!("process {pid} ({})", comm(pid)),
                 kill_one(pid, 0, dry_run),
             );
+        }
+        // Cloud resources (credentials from the environment, as `register` takes them).
+        let clouds: Vec<&register::journal::CloudResource> = j
+            .outstanding
+            .iter()
+            .rev()
+            .filter_map(|r| match r {
+                Resource::Cloud { resource } => Some(resource),
+                _ => None,
+            })
+            .collect();
+        if !clouds.is_empty() {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => {
+                    for c in clouds {
+                        let r = rt
+                            .block_on(register::journal::release(c, dry_run))
+                            .map_err(std::io::Error::other);
+                        act(format!("cloud resource: {}", c.describe()), r);
+                    }
+                }
+                Err(e) => act("cloud resources".into(), Err(e)),
+            }
         }
         // 2. Mounts (deepest first), including anything mounted below a journaled
         //    directory that was not journaled itself (e.g. by a killed child).
@@ -454,10 +501,7 @@ fn kill_one(pid: i32, start_time: u64, dry_run: bool) -> std::io::Result<String>
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| {
-            s.get(s.rfind(')')? + 2..)
-                .map(|r| r.starts_with('Z'))
-        })
+        .and_then(|s| s.get(s.rfind(')')? + 2..).map(|r| r.starts_with('Z')))
         .unwrap_or(true)
 }
 
@@ -631,12 +675,7 @@ mod tests {
         )
         .unwrap();
         for (n, r) in [
-            (
-                1,
-                Resource::Dir {
-                    path: left.clone(),
-                },
-            ),
+            (1, Resource::Dir { path: left.clone() }),
             (
                 2,
                 Resource::Partial {

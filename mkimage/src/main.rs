@@ -81,7 +81,9 @@ On failure or Ctrl-C nothing is left mounted or attached and no file appears at 
     Cache(CacheCmd),
     /// Release what dead builds left on this host (mounts, loop devices, processes,
     /// partial files, work directories), as recorded in their crash journals.
-    #[command(after_help = "Every build writes down what it is about to mount, attach, start or create before doing so (STATE_DIR/journal/). A build killed with SIGKILL, or a power loss, leaves its journal behind; `mkimage gc` finds journals whose process is gone and releases what they list, in reverse order. Journals of running builds are left alone. `mkimage build` warns at start when there is something to collect.\n\nExit code 1 when something could not be released.")]
+    #[command(
+        after_help = "Every build writes down what it is about to mount, attach, start or create before doing so (STATE_DIR/journal/). A build killed with SIGKILL, or a power loss, leaves its journal behind; `mkimage gc` finds journals whose process is gone and releases what they list, in reverse order. Journals of running builds are left alone. `mkimage build` warns at start when there is something to collect.\n\nExit code 1 when something could not be released."
+    )]
     Gc {
         #[arg(long, env = "MKIMAGE_STATE_DIR", default_value = "/var/lib/mkimage")]
         state_dir: PathBuf,
@@ -173,10 +175,12 @@ enum CacheCmd {
         json: bool,
     },
     /// Remove least recently used entries until the cache is at most --max-size.
-    #[command(after_help = "Examples:\n  mkimage cache prune --max-size 5G\n  mkimage cache prune --max-size 0   # empty it\n\n\
+    #[command(
+        after_help = "Examples:\n  mkimage cache prune --max-size 5G\n  mkimage cache prune --max-size 0   # empty it\n\n\
 Layers share unchanged files with their parent layer through hard links, so removing an \
 entry frees only what no other entry holds. Safe while builds run: a build reading an \
-entry holds a shared lock, and entries are made incomplete before they are removed.")]
+entry holds a shared lock, and entries are made incomplete before they are removed."
+    )]
     Prune {
         #[arg(long, env = "MKIMAGE_CACHE_DIR", default_value = "/var/cache/mkimage")]
         cache_dir: PathBuf,
@@ -334,7 +338,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Cache(CacheCmd::Ls { cache_dir, json }) => {
             let cache = mkimage::cache::Cache::new(&cache_dir);
-            let (entries, total) = cache.entries().map_err(|e| (EXIT_FAILED, format!("{e:#}")))?;
+            let (entries, total) = cache
+                .entries()
+                .map_err(|e| (EXIT_FAILED, format!("{e:#}")))?;
             if json {
                 println!(
                     "{}",
@@ -392,21 +398,24 @@ fn run(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Command::Preinstall(args) => match with_journal("mkimage preinstall", || {
-            mkimage::preinstall::run(&args)
-        }) {
-            Ok(rep) => {
-                println!("{}", rep.output.display());
-                eprintln!(
-                    "preinstalled into {} (manifest {})",
-                    rep.output.display(),
-                    rep.manifest.display()
-                );
-                Ok(())
+        Command::Preinstall(args) => {
+            match with_journal("mkimage preinstall", || mkimage::preinstall::run(&args)) {
+                Ok(rep) => {
+                    println!("{}", rep.output.display());
+                    eprintln!(
+                        "preinstalled into {} (manifest {})",
+                        rep.output.display(),
+                        rep.manifest.display()
+                    );
+                    Ok(())
+                }
+                Err(e) => Err((e.exit_code(), e.to_string())),
             }
-            Err(e) => Err((e.exit_code(), e.to_string())),
-        },
-        Command::Register(cmd) => match mkimage::registration::run(&cmd) {
+        }
+        Command::Register(cmd) => match with_journal("mkimage register", || {
+            register::journal::set_hook(Box::new(mkimage::journal::CloudHook));
+            mkimage::registration::run(&cmd)
+        }) {
             Ok(rec) => {
                 println!("{}", serde_json::to_string_pretty(&rec).unwrap_or_default());
                 Ok(())
@@ -434,8 +443,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
                 return Ok(());
             }
-            let planned = mkimage::plan::plan_with(&r, &cache, rebuild_from.as_deref())
-                .map_err(bad_input)?;
+            let planned =
+                mkimage::plan::plan_with(&r, &cache, rebuild_from.as_deref()).map_err(bad_input)?;
             print!("{}", mkimage::plan::render(&r, &planned, &cache));
             if let Some(msg) = recipe::preflight_dist_message(&r) {
                 println!("\nnote: {msg}");

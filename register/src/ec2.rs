@@ -241,6 +241,26 @@ struct Created {
     multipart: Option<(String, String, String)>,
     s3_object: Option<(String, String)>,
     keep_s3_object: bool,
+    /// Crash-journal tickets of the resources above (see [`crate::journal`]).
+    tickets: Vec<Option<u64>>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    build_id: String,
+}
+
+impl Created {
+    /// Journals a resource about to be created.
+    fn journal(&mut self, kind: &str, bucket: Option<&str>, key: Option<&str>) {
+        let t = crate::journal::acquire(crate::journal::CloudResource {
+            kind: kind.into(),
+            build_id: self.build_id.clone(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            bucket: bucket.map(str::to_owned),
+            key: key.map(str::to_owned),
+        });
+        self.tickets.push(t);
+    }
 }
 
 /// Registers `image` as an AMI. See the crate docs for the steps.
@@ -271,9 +291,18 @@ pub async fn register_ec2(
         }
     }
 
-    let mut created = Created::default();
+    let mut created = Created {
+        endpoint: opts.endpoint_url.clone(),
+        region: Some(c.region.clone()),
+        build_id: image.build_id.clone(),
+        ..Created::default()
+    };
     match run(&c, image, opts, progress, &existing, &mut created).await {
-        Ok(r) => Ok(r),
+        Ok(r) => {
+            // Everything created now belongs to the AMI.
+            crate::journal::release_all(&mut created.tickets);
+            Ok(r)
+        }
         Err(e) => Err(cleanup(&c, created, e).await),
     }
 }
@@ -554,7 +583,7 @@ async fn wait_snapshot(c: &Clients, id: &str, opts: &Ec2Options) -> Result<(), R
 }
 
 /// Deletes what was created, and wraps the error with what happened.
-async fn cleanup(c: &Clients, created: Created, err: RegisterError) -> RegisterError {
+async fn cleanup(c: &Clients, mut created: Created, err: RegisterError) -> RegisterError {
     let mut cleaned = vec![];
     let mut left = vec![];
     for s in &created.snapshots {
@@ -597,6 +626,9 @@ async fn cleanup(c: &Clients, created: Created, err: RegisterError) -> RegisterE
         }
     }
     tracing::warn!(error = %err, ?cleaned, ?left, "registration failed");
+    if left.is_empty() {
+        crate::journal::release_all(&mut created.tickets);
+    }
     RegisterError::CleanedUp {
         source: Box::new(err),
         cleaned_up: cleaned,
@@ -785,12 +817,18 @@ async fn ebs_upload(
     if let Some(d) = &image.description {
         start = start.description(d);
     }
+    created.journal("ec2-snapshot", None, None);
     let out = start.send().await.map_err(|e| sdk("StartSnapshot", e))?;
     let snapshot_id = out
         .snapshot_id()
         .ok_or_else(|| RegisterError::api("StartSnapshot", "the answer has no SnapshotId"))?
         .to_string();
     created.snapshots.push(snapshot_id.clone());
+    if env_flag("MKIMAGE_TEST_PAUSE_AFTER_START_SNAPSHOT") {
+        // Test hook: hold the half-made snapshot so a test can kill us here.
+        eprintln!("mkimage-test: paused after StartSnapshot {snapshot_id}");
+        tokio::time::sleep(Duration::from_secs(120)).await;
+    }
     let block_size = out
         .block_size()
         .filter(|b| *b > 0)
@@ -925,6 +963,7 @@ async fn s3_import(
     );
     let part_size = opts.s3_part_size.max(5 << 20).max(size.div_ceil(10_000)) as usize;
 
+    created.journal("s3-multipart", Some(bucket), Some(&key));
     let mpu =
         c.s3.create_multipart_upload()
             .bucket(bucket)
@@ -1000,6 +1039,7 @@ async fn s3_import(
     let (sha256_hex, md5) = reader.digests();
     check_digests(image, &sha256_hex, md5)?;
 
+    created.journal("s3-object", Some(bucket), Some(&key));
     c.s3.complete_multipart_upload()
         .bucket(bucket)
         .key(&key)
@@ -1021,6 +1061,7 @@ async fn s3_import(
         .key(BUILD_ID_TAG)
         .value(&image.build_id)
         .build();
+    created.journal("ec2-snapshot", None, None);
     let import = c
         .ec2
         .import_snapshot()

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod ec2;
 mod error;
 mod image;
+pub mod journal;
 pub mod openstack;
 mod progress;
 

@@ -43,21 +43,21 @@ impl LoopDevice {
             offset,
         });
         let attached = (|| {
-        let control = loopdev::LoopControl::open().map_err(err)?;
-        let device = control.next_free().map_err(err)?;
-        let mut attach = device
-            .with()
-            .offset(offset)
-            .autoclear(true)
-            .read_only(read_only);
-        if let Some(s) = size {
-            attach = attach.size_limit(s);
-        }
-        attach.attach(file).map_err(err)?;
-        let path = device
-            .path()
-            .ok_or_else(|| err(std::io::Error::other("loop device has no path")))?;
-        Ok((device, path))
+            let control = loopdev::LoopControl::open().map_err(err)?;
+            let device = control.next_free().map_err(err)?;
+            let mut attach = device
+                .with()
+                .offset(offset)
+                .autoclear(true)
+                .read_only(read_only);
+            if let Some(s) = size {
+                attach = attach.size_limit(s);
+            }
+            attach.attach(file).map_err(err)?;
+            let path = device
+                .path()
+                .ok_or_else(|| err(std::io::Error::other("loop device has no path")))?;
+            Ok((device, path))
         })();
         let (device, path) = match attached {
             Ok(v) => v,
