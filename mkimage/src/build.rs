@@ -5,7 +5,7 @@ use crate::cache::Cache;
 use crate::host::fsutil::{self, PendingFile};
 use crate::host::signals;
 use crate::manifest::{Artefact, Manifest, StageRecord};
-use crate::plan::{self, Planned};
+use crate::plan::{self, Planned, Scope};
 use crate::recipe::{Cloud, Layout, OutputFormat, Recipe};
 use crate::stage::Ctx;
 use std::path::{Path, PathBuf};
@@ -143,18 +143,17 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
         tracing::warn!("{w}");
     }
     crate::preflight::check(recipe)?;
-    if recipe.layout == Layout::Nutshell {
-        return Err(crate::preflight::PreflightError(
-            "the nutshell layout is not built yet by this version; use layout disk or container"
-                .into(),
-        )
-        .into());
-    }
     let cache = Cache::new(&opts.cache_dir);
     let planned = plan::plan_with(recipe, &cache, opts.rebuild_from.as_deref())
         .map_err(|e| crate::preflight::PreflightError(e.to_string()))?;
     crate::preflight::check_repositories(&planned)?;
     let build_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    // A Nutshell is written under its own name; other layouts under the recipe's.
+    let out_name = if recipe.layout == Layout::Nutshell {
+        plan::nutshell_recipe(recipe).filename
+    } else {
+        recipe.filename.clone()
+    };
     let _journal =
         crate::journal::begin(&opts.state_dir, &build_id, "mkimage build").map_err(|e| {
             BuildError::io(
@@ -170,12 +169,12 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
         .map_err(|e| BuildError::io(format!("cannot create {}", opts.output_dir.display()), e))?;
     let log_path = opts
         .output_dir
-        .join(format!("{}.build.log", recipe.filename));
+        .join(format!("{out_name}.build.log"));
     crate::logging::open_build_log(&log_path)
         .map_err(|e| BuildError::io(format!("cannot write {}", log_path.display()), e))?;
     tracing::info!(
         "build {build_id}: {} ({} stages), log {}",
-        recipe.filename,
+        out_name,
         planned.len(),
         log_path.display()
     );
@@ -184,7 +183,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
     let work_guard = WorkDir::create(&work)
         .map_err(|e| BuildError::io(format!("cannot create {}", work.display()), e))?;
 
-    let image_path = opts.output_dir.join(&recipe.filename);
+    let image_path = opts.output_dir.join(&out_name);
     let pending = PendingFile::new(&image_path);
     let mut ctx = Ctx {
         recipe,
@@ -194,9 +193,45 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
         disk: Some(pending.path().to_owned()),
         kernel_version: None,
         disk_size_mib: None,
+        embedded: None,
     };
 
-    let stages = run_stages(&planned, &mut ctx, &cache, opts, &log_path)?;
+    // A Nutshell's embedded image is built first, in its own tree and disk file.
+    let embedded_recipe = plan::embedded_recipe(recipe);
+    let mut embedded_ctx = match &embedded_recipe {
+        Some(r) => {
+            let dir = work.join("embedded");
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| BuildError::io(format!("cannot create {}", dir.display()), e))?;
+            Some(Ctx {
+                recipe: r,
+                work: dir.clone(),
+                rootfs: dir.join("rootfs"),
+                fs_uuid: uuid::Uuid::new_v4().to_string(),
+                disk: Some(dir.join(&r.filename)),
+                kernel_version: None,
+                disk_size_mib: None,
+                embedded: None,
+            })
+        }
+        None => None,
+    };
+    if let Some(e) = &embedded_ctx {
+        ctx.embedded = if e.recipe.layout == Layout::Container {
+            Some(e.rootfs.clone())
+        } else {
+            e.disk.clone()
+        };
+    }
+    let stages = run_stages(
+        &planned,
+        &mut ctx,
+        embedded_ctx.as_mut(),
+        &cache,
+        opts,
+        &log_path,
+    )?;
+    drop(embedded_ctx);
 
     // Container layout: the root filesystem on the whole file, no partition table.
     if recipe.layout == Layout::Container {
@@ -240,7 +275,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
             OutputFormat::Vmdk => ("vmdk", "vmdk"),
             OutputFormat::Tar => ("tar.zst", "tar.zst"),
         };
-        let out = PendingFile::new(&opts.output_dir.join(artefact_name(&recipe.filename, ext)));
+        let out = PendingFile::new(&opts.output_dir.join(artefact_name(&out_name, ext)));
         convert(pending.path(), &ctx.rootfs, out.path(), fmt)
             .map_err(|e| stage_err("output", e))?;
         outputs.push((out, fmt));
@@ -327,9 +362,10 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
     })
 }
 
-fn run_stages(
+fn run_stages<'r>(
     planned: &[Planned],
-    ctx: &mut Ctx,
+    ctx: &mut Ctx<'r>,
+    mut embedded: Option<&mut Ctx<'r>>,
     cache: &Cache,
     opts: &BuildOptions,
     log_path: &Path,
@@ -351,72 +387,106 @@ fn run_stages(
     // Check every stage before running any.
     for p in planned {
         let ops = p.stage.ops();
-        ops.check(ctx).map_err(|e| fail(&ops.name(), e))?;
+        let c: &Ctx = match (p.scope, embedded.as_deref()) {
+            (Scope::Embedded, Some(e)) => e,
+            _ => ctx,
+        };
+        ops.check(c).map_err(|e| fail(&p.display_name(), e))?;
     }
-    // A later cached stage makes the earlier ones unnecessary: start from the last hit.
-    let start = planned.iter().rposition(|p| p.cached).unwrap_or(0);
+    // A later cached stage makes the earlier ones of the same image unnecessary:
+    // each image starts from its last hit. The embedded image is not built at all
+    // when the Nutshell's own layers hold it already.
+    let start_of = |scope: Scope| {
+        planned
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.scope == scope)
+            .filter(|(_, p)| p.cached)
+            .map(|(i, _)| i)
+            .last()
+            .unwrap_or(0)
+    };
+    let start_image = start_of(Scope::Image);
+    let start_embedded = start_of(Scope::Embedded);
+    let embedded_needed = planned.iter().enumerate().any(|(i, p)| {
+        matches!(p.stage, crate::stage::Stage::Nutshell(_))
+            && (i > start_image || (i == start_image && !p.cached))
+    });
     let mut records = Vec::new();
     let n = planned.len();
-    // The last cache layer this tree matches: the next layer hard-links to it.
-    let mut parent_layer: Option<(String, String)> = None;
+    // The last cache layer each tree matches: the next layer hard-links to it.
+    let mut parent_layer: [Option<(String, String)>; 2] = [None, None];
     for (i, p) in planned.iter().enumerate() {
         let ops = p.stage.ops();
         let name = ops.name();
-        if i < start {
+        let shown = p.display_name();
+        let slot = (p.scope == Scope::Embedded) as usize;
+        let start = match p.scope {
+            Scope::Image => start_image,
+            Scope::Embedded => start_embedded,
+        };
+        let skip_embedded = p.scope == Scope::Embedded && !embedded_needed;
+        if i < start || skip_embedded {
             // Covered by a later cache entry; its fail point still counts, so a test can
             // inject a failure into every stage whatever the cache holds.
-            crate::stage::fail_point(&name).map_err(|e| fail(&name, e))?;
+            crate::stage::fail_point(&name).map_err(|e| fail(&shown, e))?;
             if ops.cacheable() {
-                parent_layer = Some((name.clone(), p.key.clone()));
+                parent_layer[slot] = Some((name.clone(), p.key.clone()));
             }
             records.push(StageRecord {
-                name,
+                name: shown,
                 key: p.key.clone(),
                 cached: true,
                 seconds: 0.0,
             });
             continue;
         }
+        let c: &mut Ctx<'r> = match (p.scope, embedded.as_deref_mut()) {
+            (Scope::Embedded, Some(e)) => e,
+            _ => &mut *ctx,
+        };
         let bar = crate::progress::spinner(
             opts.progress,
-            format!("[{}/{n}] {name}: {}", i + 1, ops.describe()),
+            format!("[{}/{n}] {shown}: {}", i + 1, ops.describe()),
         );
         let t = Instant::now();
-        signals::check().map_err(|e| fail(&name, e.into()))?;
+        signals::check().map_err(|e| fail(&shown, e.into()))?;
         let result = if p.cached {
-            tracing::info!("[{}/{n}] {name}: cache hit {}", i + 1, &p.key[..16]);
+            tracing::info!("[{}/{n}] {shown}: cache hit {}", i + 1, &p.key[..16]);
             cache
-                .restore(&name, &p.key, &ctx.rootfs)
+                .restore(&name, &p.key, &c.rootfs)
                 .and_then(|_| crate::stage::fail_point(&name))
         } else {
-            tracing::info!("[{}/{n}] {name}: {}", i + 1, ops.describe());
-            let r = ops.run(ctx);
-            ops.cleanup(ctx);
+            tracing::info!("[{}/{n}] {shown}: {}", i + 1, ops.describe());
+            let r = ops.run(c);
+            ops.cleanup(c);
             r
         };
         if let Err(e) = result {
-            bar.abandon_with_message(format!("[{}/{n}] {name}: FAILED", i + 1));
-            return Err(fail(&name, e));
+            bar.abandon_with_message(format!("[{}/{n}] {shown}: FAILED", i + 1));
+            return Err(fail(&shown, e));
         }
         if ops.cacheable() && !p.cached {
-            let parent = parent_layer.as_ref().map(|(s, k)| (s.as_str(), k.as_str()));
-            if let Err(e) = cache.store(&name, &p.key, &ctx.rootfs, parent) {
-                tracing::warn!("could not store stage {name} in the cache: {e:#}");
+            let parent = parent_layer[slot]
+                .as_ref()
+                .map(|(s, k)| (s.as_str(), k.as_str()));
+            if let Err(e) = cache.store(&name, &p.key, &c.rootfs, parent) {
+                tracing::warn!("could not store stage {shown} in the cache: {e:#}");
             }
             // A store aborted by a signal must not pass for success.
-            signals::check().map_err(|e| fail(&name, e.into()))?;
+            signals::check().map_err(|e| fail(&shown, e.into()))?;
         }
         if ops.cacheable() {
-            parent_layer = Some((name.clone(), p.key.clone()));
+            parent_layer[slot] = Some((name.clone(), p.key.clone()));
         }
         let secs = t.elapsed().as_secs_f64();
         bar.finish_with_message(format!(
-            "[{}/{n}] {name}: done in {secs:.1} s{}",
+            "[{}/{n}] {shown}: done in {secs:.1} s{}",
             i + 1,
             if p.cached { " (cache hit)" } else { "" }
         ));
         records.push(StageRecord {
-            name,
+            name: shown,
             key: p.key.clone(),
             cached: p.cached,
             seconds: secs,

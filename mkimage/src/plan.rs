@@ -5,12 +5,113 @@ use crate::cache::{chain_key, Cache};
 use crate::recipe::{Layout, Recipe};
 use crate::stage::{self, Stage};
 
+/// Which image of the build a stage works on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The image the build writes.
+    Image,
+    /// The services image a Nutshell embeds, built first in the same run.
+    Embedded,
+}
+
 /// A stage with its place in the chain of cache keys.
 pub struct Planned {
     pub stage: Stage,
     pub key: String,
     /// True when the cache holds this stage's result (only for cacheable stages).
     pub cached: bool,
+    pub scope: Scope,
+}
+
+impl Planned {
+    /// The stage's name, `embedded/`-prefixed inside a Nutshell's embedded image.
+    pub fn display_name(&self) -> String {
+        match self.scope {
+            Scope::Image => self.stage.ops().name(),
+            Scope::Embedded => format!("embedded/{}", self.stage.ops().name()),
+        }
+    }
+}
+
+/// The services image a Nutshell embeds: the recipe's services, dist and cloud
+/// settings, laid out as a container tree or a VM disk.
+pub fn embedded_recipe(recipe: &Recipe) -> Option<Recipe> {
+    if recipe.layout != Layout::Nutshell {
+        return None;
+    }
+    let n = recipe
+        .nutshell
+        .clone()
+        .unwrap_or_else(crate::recipe::default_nutshell);
+    let mut r = recipe.clone();
+    r.layout = if n.embed == Layout::Container {
+        Layout::Container
+    } else {
+        Layout::Disk
+    };
+    r.nutshell = None;
+    r.formats = vec![crate::recipe::OutputFormat::Raw];
+    if r.layout == Layout::Disk {
+        // Nested agents boot with a per-node config drive, as on OpenStack/KVM.
+        r.cloud = crate::recipe::Cloud::Openstack;
+        r.hypervisor = crate::recipe::Hypervisor::Kvm;
+        r.kernel = None;
+    }
+    Some(r)
+}
+
+/// The Nutshell itself: a bootable disk with the runtime (as manager), named and
+/// sized by the `[nutshell]` settings. It runs no service of its own: the agents
+/// run inside it, from the embedded image.
+pub fn nutshell_recipe(recipe: &Recipe) -> Recipe {
+    let n = recipe
+        .nutshell
+        .clone()
+        .unwrap_or_else(crate::recipe::default_nutshell);
+    let mut r = recipe.clone();
+    r.layout = Layout::Disk;
+    r.services = vec![];
+    r.hostname = n.hostname;
+    r.filename = n.filename;
+    r.size_mib = n.size_mib;
+    // Pruning would remove what the nutshell stage adds (nspawn, qemu).
+    r.optimize = false;
+    r
+}
+
+/// Every stage of a build with its scope: for a Nutshell, the embedded image's
+/// stages first, then the Nutshell's with the `nutshell` stage after `core`.
+pub fn scoped_stages(recipe: &Recipe) -> Result<Vec<(Scope, Stage)>, crate::service::ServiceError> {
+    let Some(inner) = embedded_recipe(recipe) else {
+        return Ok(stages(recipe)?
+            .into_iter()
+            .map(|s| (Scope::Image, s))
+            .collect());
+    };
+    let mut out: Vec<(Scope, Stage)> = stages(&inner)?
+        .into_iter()
+        .map(|s| (Scope::Embedded, s))
+        .collect();
+    let outer = nutshell_recipe(recipe);
+    for s in stages(&outer)? {
+        let after_core = matches!(s, Stage::Core(_));
+        out.push((Scope::Image, s));
+        if after_core {
+            out.push((
+                Scope::Image,
+                Stage::Nutshell(stage::nutshell::Nutshell {
+                    embed: inner.layout,
+                    inner_key: String::new(),
+                    service: recipe
+                        .services
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| "helloworld".into()),
+                }),
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// Packages of the base tree: minbase plus what every image needs plus the recipe's.
@@ -124,8 +225,8 @@ pub fn plan_with(
     cache: &Cache,
     rebuild_from: Option<&str>,
 ) -> Result<Vec<Planned>, PlanError> {
-    let all = stages(recipe)?;
-    let names: Vec<String> = all.iter().map(|s| s.ops().name()).collect();
+    let all = scoped_stages(recipe)?;
+    let names: Vec<String> = all.iter().map(|(_, s)| s.ops().name()).collect();
     let rebuild_at = match rebuild_from {
         None => names.len(),
         Some(r) => names
@@ -133,16 +234,31 @@ pub fn plan_with(
             .position(|n| n == r)
             .ok_or_else(|| PlanError::NoSuchStage(r.to_owned(), names.join(", ")))?,
     };
-    let mut parent: Option<String> = None;
+    // One chain of keys per image; the nutshell stage takes the embedded image's
+    // last key as an input.
+    let mut parent_image: Option<String> = None;
+    let mut parent_embedded: Option<String> = None;
     Ok(all
         .into_iter()
         .enumerate()
-        .map(|(i, stage)| {
+        .map(|(i, (scope, mut stage))| {
+            if let Stage::Nutshell(n) = &mut stage {
+                n.inner_key = parent_embedded.clone().unwrap_or_default();
+            }
+            let parent = match scope {
+                Scope::Image => &mut parent_image,
+                Scope::Embedded => &mut parent_embedded,
+            };
             let ops = stage.ops();
             let key = chain_key(parent.as_deref(), &ops.name(), &ops.inputs());
             let cached = i < rebuild_at && ops.cacheable() && cache.contains(&ops.name(), &key);
-            parent = Some(key.clone());
-            Planned { stage, key, cached }
+            *parent = Some(key.clone());
+            Planned {
+                stage,
+                key,
+                cached,
+                scope,
+            }
         })
         .collect())
 }
@@ -152,13 +268,21 @@ pub fn render(recipe: &Recipe, planned: &[Planned], cache: &Cache) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "Plan for {} ({:?} layout, {} {}, cloud {:?}, hypervisor {:?}, {} MiB)\n",
-        recipe.filename,
+        if recipe.layout == Layout::Nutshell {
+            nutshell_recipe(recipe).filename
+        } else {
+            recipe.filename.clone()
+        },
         recipe.layout,
         recipe.dist,
         recipe.arch.debian(),
         recipe.cloud,
         recipe.hypervisor,
-        recipe.size_mib
+        if recipe.layout == Layout::Nutshell {
+            nutshell_recipe(recipe).size_mib
+        } else {
+            recipe.size_mib
+        }
     ));
     if !recipe.services.is_empty() {
         out.push_str(&format!("services: {}\n", recipe.services.join(", ")));
@@ -167,8 +291,30 @@ pub fn render(recipe: &Recipe, planned: &[Planned], cache: &Cache) -> String {
         out.push_str(&format!("warning: {w}\n"));
     }
     out.push_str(&format!("cache: {}\n\n", cache.dir().display()));
+    let mut scope = Scope::Image;
     for (i, p) in planned.iter().enumerate() {
         let ops = p.stage.ops();
+        if p.scope != scope {
+            scope = p.scope;
+            if let (Scope::Embedded, Some(inner)) = (scope, embedded_recipe(recipe)) {
+                out.push_str(&format!(
+                    "embedded {} image {} (built first, nested in the Nutshell):\n",
+                    if inner.layout == Layout::Container {
+                        "container"
+                    } else {
+                        "VM"
+                    },
+                    inner.filename
+                ));
+            } else {
+                let n = nutshell_recipe(recipe);
+                out.push_str(&format!(
+                    "the Nutshell {} ({} MiB, hostname {}):\n",
+                    n.filename, n.size_mib, n.hostname
+                ));
+            }
+        }
+        let indent = if p.scope == Scope::Embedded { "    " } else { "" };
         let state = if !ops.cacheable() {
             "run"
         } else if p.cached {
@@ -177,7 +323,7 @@ pub fn render(recipe: &Recipe, planned: &[Planned], cache: &Cache) -> String {
             "cache miss"
         };
         out.push_str(&format!(
-            "{:>2}. {:<12} [{:<10}] key {}\n      {}\n      inputs {}\n",
+            "{indent}{:>2}. {:<12} [{:<10}] key {}\n{indent}      {}\n{indent}      inputs {}\n",
             i + 1,
             ops.name(),
             state,

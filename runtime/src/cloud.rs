@@ -1,5 +1,6 @@
 //! Cloud drivers. `local` runs agents as local processes (the `cps` binary itself) on
-//! 127.0.0.1; `qemu`, `ec2` and `openstack` implement the same trait in a later issue.
+//! 127.0.0.1, and `nspawn` (the same driver) runs them in `systemd-nspawn` containers
+//! on a root tree, as a Nutshell does; `qemu` is in `qemu.rs`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -63,6 +64,9 @@ pub struct LocalCloud {
     /// Test aid: this many of the next nodes are started dead (they accept TCP and never answer).
     dead_nodes: AtomicU32,
     children: Mutex<HashMap<String, (ServiceNode, tokio::process::Child)>>,
+    /// `Some(rootfs)`: each node runs in a `systemd-nspawn` container on this tree
+    /// (the `nspawn` driver of a Nutshell); `None`: as a plain process.
+    container_root: Option<PathBuf>,
 }
 
 fn free_port() -> Result<u16> {
@@ -81,7 +85,25 @@ impl LocalCloud {
             next_vmid: AtomicU64::new(1),
             dead_nodes: AtomicU32::new(dead_nodes),
             children: Mutex::new(HashMap::new()),
+            container_root: None,
         })
+    }
+
+    /// Runs nodes as containers on `rootfs` (read-only, with a tmpfs overlay for
+    /// writes: `--volatile=overlay`), sharing the host's network. The node's
+    /// directory is bound at the same path inside, so its config names the same
+    /// files on both sides; `bin` is the runtime's path inside the tree.
+    pub fn in_containers(mut self, rootfs: PathBuf) -> Self {
+        self.container_root = Some(rootfs);
+        self
+    }
+
+    fn driver(&self) -> &'static str {
+        if self.container_root.is_some() {
+            "nspawn"
+        } else {
+            "local"
+        }
     }
 
     fn take_dead(&self) -> bool {
@@ -112,7 +134,7 @@ impl Cloud for LocalCloud {
         &self.name
     }
     fn cloud_type(&self) -> &str {
-        "local"
+        self.driver()
     }
 
     async fn create_node(&self, mut req: NodeRequest) -> Result<ServiceNode> {
@@ -136,7 +158,28 @@ impl Cloud for LocalCloud {
             req.config.render_script(&req.vars, "local")?,
         )?;
         let dead = self.take_dead();
-        let mut cmd = tokio::process::Command::new(&self.bin);
+        let mut cmd = match &self.container_root {
+            None => tokio::process::Command::new(&self.bin),
+            Some(root) => {
+                let mut c = tokio::process::Command::new("systemd-nspawn");
+                // --keep-unit: stay in the manager's own unit (or process tree) rather
+                // than asking a system bus for a scope; there may be no bus at all.
+                c.args([
+                    "--quiet",
+                    "--register=no",
+                    "--keep-unit",
+                    "--volatile=overlay",
+                    "--as-pid2",
+                ])
+                    .arg(format!("--machine={}{}", self.name, vmid))
+                    .arg("--directory")
+                    .arg(root)
+                    .arg(format!("--bind={}", dir.display()))
+                    .arg("--")
+                    .arg(&self.bin);
+                c
+            }
+        };
         if dead {
             cmd.arg("dead-node").arg("--port").arg(port.to_string());
         } else {
@@ -169,7 +212,8 @@ impl Cloud for LocalCloud {
             port,
         };
         tracing::info!(
-            "local cloud: started node {} (pid {pid}, port {port}{})",
+            "{} cloud: started node {} (pid {pid}, port {port}{})",
+            self.driver(),
             node.id,
             if dead { ", dead" } else { "" }
         );
@@ -189,7 +233,24 @@ impl Cloud for LocalCloud {
         let Some((_, mut child)) = entry else {
             bail!("no such node {}", node.id);
         };
-        let _ = child.start_kill();
+        if self.container_root.is_some() {
+            // On SIGTERM nspawn asks its stub init (pid 1, --as-pid2) to stop the
+            // container and tears it down; give it a moment.
+            if let Some(pid) = child.id() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            if tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.start_kill();
+            }
+        } else {
+            let _ = child.start_kill();
+        }
         let _ = child.wait().await;
         let _ = std::fs::write(self.work_dir.join(&node.vmid).join("deleted"), "");
         tracing::info!("local cloud: deleted node {}", node.id);

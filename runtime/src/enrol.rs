@@ -85,6 +85,19 @@ impl Enroller {
         token
     }
 
+    /// Registers a token chosen elsewhere (a Nutshell's user token, written by
+    /// user-data), valid for `ttl`. Single use like the others.
+    pub fn add_token(&self, token: &str, node_id: &str, identity: Identity, ttl: Duration) {
+        self.tokens.lock().expect("token lock").insert(
+            token.to_string(),
+            Pending {
+                node_id: node_id.to_string(),
+                identity,
+                expires: Instant::now() + ttl,
+            },
+        );
+    }
+
     /// Forgets the tokens of a node (node deleted before it enrolled).
     pub fn revoke_node(&self, node_id: &str) {
         self.tokens

@@ -525,6 +525,12 @@ pub struct ManagerConfig {
     pub token_ttl: Duration,
     pub cps_bin: Option<PathBuf>,
     pub local_dead_nodes: u32,
+    /// A one-time enrolment token for a user certificate (node id `user`), valid
+    /// for a day: how a Nutshell's owner gets a certificate without any private key
+    /// travelling in user-data.
+    pub user_token: Option<String>,
+    /// `CLOUD = nspawn`: the root tree agents run on, with `systemd-nspawn`.
+    pub nspawn_rootfs: Option<PathBuf>,
     pub starting_nodes: usize,
     pub replacements: BTreeMap<String, String>,
     /// `[qemu]` section (the `qemu` driver).
@@ -578,6 +584,8 @@ impl ManagerConfig {
             token_ttl: secs(ini.parse_or(S, "TOKEN_TTL", 900.0)?)?,
             cps_bin: opt("CPS_BIN").map(PathBuf::from),
             local_dead_nodes: ini.parse_or(S, "LOCAL_DEAD_NODES", 0)?,
+            user_token: opt("USER_TOKEN").map(|t| t.to_string()),
+            nspawn_rootfs: opt("NSPAWN_ROOTFS").map(PathBuf::from),
             starting_nodes: ini.parse_or(S, "STARTING_NODES", 1)?,
             replacements,
             qemu: crate::qemu::QemuSettings::from_ini(ini)?,
@@ -601,6 +609,18 @@ pub async fn start(cfg: &ManagerConfig) -> Result<Running> {
     let ca = pki::Ca::load(&cfg.ca_dir)
         .context("the manager needs the CA (CA_DIR) to enrol its nodes")?;
     let enroller = Arc::new(crate::enrol::Enroller::new(ca, cfg.token_ttl, 365));
+    if let Some(t) = &cfg.user_token {
+        enroller.add_token(
+            t,
+            "user",
+            pki::Identity {
+                role: Role::User,
+                uid: cfg.user_id,
+                app: cfg.app_id,
+            },
+            std::time::Duration::from_secs(24 * 3600),
+        );
+    }
     let config = match &cfg.config_dir {
         Some(d) => crate::context::ConfigTree::new(d),
         None => crate::context::ConfigTree::locate()?,
@@ -618,6 +638,23 @@ pub async fn start(cfg: &ManagerConfig) -> Result<Running> {
                 cfg.var_cache.join("local-nodes"),
                 cfg.local_dead_nodes,
             )?);
+            local_cloud = Some(c.clone());
+            c
+        }
+        "nspawn" => {
+            let rootfs = cfg
+                .nspawn_rootfs
+                .clone()
+                .context("CLOUD = nspawn needs NSPAWN_ROOTFS (the agents' root tree)")?;
+            let c = Arc::new(
+                crate::cloud::LocalCloud::new(
+                    &cfg.cloud_name,
+                    "/usr/local/bin/cps".into(),
+                    cfg.var_cache.join("nspawn-nodes"),
+                    0,
+                )?
+                .in_containers(rootfs),
+            );
             local_cloud = Some(c.clone());
             c
         }

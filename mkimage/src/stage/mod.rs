@@ -13,6 +13,7 @@ pub mod core;
 pub mod debootstrap;
 pub mod finalize;
 pub mod kernel;
+pub mod nutshell;
 pub mod optimize;
 pub mod resize;
 pub mod service;
@@ -38,6 +39,9 @@ pub struct Ctx<'a> {
     pub disk_size_mib: Option<u64>,
     /// Kernel version installed by the kernel stage (e.g. `6.1.0-28-cloud-amd64`).
     pub kernel_version: Option<String>,
+    /// Nutshell builds: the embedded image built earlier in the run (its root tree
+    /// for a container, its disk file for a VM).
+    pub embedded: Option<PathBuf>,
 }
 
 impl Ctx<'_> {
@@ -98,6 +102,7 @@ pub enum Stage {
     Finalize(finalize::Finalize),
     Bootloader(bootloader::Bootloader),
     Assemble(assemble::Assemble),
+    Nutshell(nutshell::Nutshell),
 }
 
 impl Stage {
@@ -114,6 +119,7 @@ impl Stage {
             Stage::Finalize(s) => s,
             Stage::Bootloader(s) => s,
             Stage::Assemble(s) => s,
+            Stage::Nutshell(s) => s,
         }
     }
 }
