@@ -1,0 +1,179 @@
+//! The Nutshell with an embedded container: one run builds the helloworld services
+//! image as a container tree and the Nutshell around it; booted under QEMU, the
+//! Nutshell's manager (started by its own unit) takes the owner's one-time token from
+//! user-data, publishes its CA on the console, and — asked over mutual TLS through a
+//! host-forwarded port — starts two agents as systemd-nspawn containers *inside the
+//! Nutshell*, which both answer `get_helloworld`.
+
+use e2e::*;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn cps(args: &[&str]) -> Output {
+    Command::new(bin("cps")).args(args).output().unwrap()
+}
+
+/// The PEM the Nutshell printed on its console, once it is complete.
+fn console_ca(serial: &Path) -> Option<String> {
+    let text = String::from_utf8_lossy(&std::fs::read(serial).ok()?).replace('\r', "");
+    let start = text.find("cps-nutshell: manager CA certificate follows")?;
+    let rest = &text[start..];
+    let begin = rest.find("-----BEGIN CERTIFICATE-----")?;
+    let end = rest.find("-----END CERTIFICATE-----")? + "-----END CERTIFICATE-----".len();
+    (begin < end).then(|| format!("{}\n", &rest[begin..end]))
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < timeout,
+            "timed out after {} s waiting for {what}",
+            timeout.as_secs()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!("{what}: after {:.1} s", t.elapsed().as_secs_f64());
+}
+
+#[test]
+fn nutshell_with_embedded_container_runs_two_agents_inside() {
+    let _g = heavy();
+    let sb = Sandbox::new();
+    let recipe = fixture("recipes/good/minimal.toml");
+    let args = [
+        "--services",
+        "helloworld",
+        "--layout",
+        "nutshell",
+        "--size",
+        "3G",
+    ];
+
+    // The plan nests the embedded image's stages under the Nutshell's.
+    let plan = run(mkimage().arg("plan").arg("--recipe").arg(&recipe).args(args));
+    let plan = String::from_utf8_lossy(&plan.stdout).into_owned();
+    assert!(plan.contains("embedded container image conpaas.img"), "{plan}");
+    assert!(plan.contains("the Nutshell nutshell.img"), "{plan}");
+    assert!(plan.contains("nutshell     ["), "{plan}");
+
+    let t = Instant::now();
+    let out = run(sb.build().arg("--recipe").arg(&recipe).args(args));
+    assert!(out.status.success(), "nutshell build failed");
+    eprintln!("nutshell build: {:.1} s", t.elapsed().as_secs_f64());
+    let img = sb.out().join("nutshell.img");
+    assert!(img.exists());
+    assert_clean(sb.path());
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(sb.out().join("nutshell.img.manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let stages: Vec<&str> = m["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(stages.contains(&"embedded/service-helloworld"), "{stages:?}");
+    assert!(stages.contains(&"nutshell"), "{stages:?}");
+    assert!(m["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p.as_str().unwrap().starts_with("systemd-container=")));
+
+    // Contextualization: only a one-time token travels in user-data.
+    let token = format!("{:x}", std::process::id() as u64 * 7919 + 12345);
+    let ctx = sb.path().join("context");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("user_data"),
+        format!("#!/bin/sh\nmkdir -p /etc/cps\necho {token} > /etc/cps/nutshell-user-token\n"),
+    )
+    .unwrap();
+    let data = mkimage::context::InstanceData::from_path(&ctx, "nutshell").unwrap();
+    let iso = sb.path().join("config-2.iso");
+    mkimage::context::make_config_drive(&data, &iso, sb.path()).unwrap();
+
+    let serial = sb.path().join("nutshell.serial.log");
+    let mut o = mkimage::boot::BootOptions::new(&img, &serial);
+    let (mgr_port, enrol_port) = (
+        mkimage::boot::free_port().unwrap(),
+        mkimage::boot::free_port().unwrap(),
+    );
+    o.forwards = vec![(mgr_port, 443), (enrol_port, 4443)];
+    o.extra_drives = vec![iso];
+    o.memory_mib = 1536;
+    o.timeout = Duration::from_secs(600);
+
+    let user = sb.path().join("user");
+    let user_s = user.display().to_string();
+    let mgr_url = format!("https://127.0.0.1:{mgr_port}");
+    let client = |args: &[&str]| {
+        let mut a = vec!["client", "--manager", &mgr_url, "--cert-dir", &user_s];
+        a.extend_from_slice(args);
+        cps(&a)
+    };
+    let state = || String::from_utf8_lossy(&client(&["info"]).stdout).into_owned();
+    let mut answers = String::new();
+    let report = mkimage::boot::boot_test_with(&o, |_qemu| {
+        let t = Instant::now();
+        let mut ca = None;
+        wait_until("the CA on the console", Duration::from_secs(300), || {
+            ca = console_ca(&serial);
+            ca.is_some()
+        });
+        std::fs::create_dir_all(&user).unwrap();
+        let ca_path = user.join("console-ca.pem");
+        std::fs::write(&ca_path, ca.unwrap()).unwrap();
+        let url = format!("https://127.0.0.1:{enrol_port}/enroll");
+        wait_until("the owner's enrolment", Duration::from_secs(120), || {
+            let o = cps(&[
+                "enroll",
+                "--url",
+                &url,
+                "--token",
+                &token,
+                "--node-id",
+                "user",
+                "--cert-dir",
+                &user_s,
+                "--ca",
+                &ca_path.display().to_string(),
+            ]);
+            eprintln!("{}", String::from_utf8_lossy(&o.stderr));
+            o.status.success()
+        });
+        let o = client(&["startup"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        wait_until("RUNNING", Duration::from_secs(120), || {
+            state().contains("RUNNING")
+        });
+        let o = client(&["add-nodes", "2"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        wait_until("two agents in containers", Duration::from_secs(400), || {
+            let s = state();
+            s.contains("RUNNING") && !s.contains("ADAPTING")
+        });
+        answers = String::from_utf8_lossy(&client(&["hello"]).stdout).into_owned();
+        let list = String::from_utf8_lossy(&client(&["list"]).stdout).into_owned();
+        eprintln!("{answers}\n{list}");
+        eprintln!(
+            "from ready to two container agents answering: {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        true
+    })
+    .unwrap();
+    eprintln!(
+        "nutshell ready after {:.1} s under {}",
+        report.seconds_to_ready, report.accel
+    );
+    assert_eq!(
+        answers.matches("Received helloworld from").count(),
+        2,
+        "{answers}"
+    );
+    assert_clean(sb.path());
+}
