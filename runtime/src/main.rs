@@ -244,7 +244,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(runtime::agent::run(cfg))?;
+            rt.block_on(runtime::agent::run(cfg, &ini))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Manager(o) => {
