@@ -290,15 +290,14 @@ impl GenericAgent {
             }
         };
         let pid = child.id().unwrap_or(0) as i32;
-        let uid = Some(
-            self.user
-                .as_ref()
-                .map(|u| u.1.as_raw())
-                .unwrap_or_else(|| nix::unistd::geteuid().as_raw()),
-        );
+        let raw_uid = self
+            .user
+            .as_ref()
+            .map(|u| u.1.as_raw())
+            .unwrap_or_else(|| nix::unistd::geteuid().as_raw());
+        let uid = Some(raw_uid);
         tracing::info!(
-            "{script} started (pid {pid}, uid {}) in {}",
-            uid.unwrap_or(0),
+            "{script} started (pid {pid}, uid {raw_uid}) in {}",
             dir.display()
         );
         set(ScriptStatus {
