@@ -175,6 +175,43 @@ async fn generic_lifecycle_scripts_run_unprivileged_on_every_node() {
         .unwrap_err();
     assert!(e.to_string().contains("Invalid command"), "{e}");
 
+    // a second version, a zip, uploaded with the CLI; enable_code installs it and runs init.sh
+    let zip = {
+        use std::io::Write;
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        w.start_file("init.sh", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        w.write_all(b"echo v2 > v2.out\n").unwrap();
+        w.finish().unwrap().into_inner()
+    };
+    let zp = m.dir.join("app2.zip");
+    std::fs::write(&zp, zip).unwrap();
+    let o = std::process::Command::new(CPS)
+        .args(["client", "--manager"])
+        .arg(format!("https://{}", m.running.rpc_addr))
+        .arg("--cert-dir")
+        .arg(m.dir.join("user"))
+        .args([
+            "upload",
+            "upload_code_version",
+            "-P",
+            "description=second",
+            "-F",
+        ])
+        .arg(format!("code={}", zp.display()))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("code-2"), "{out}{o:?}");
+    m.post("enable_code", json!({"codeVersionId": "code-2"}))
+        .await
+        .unwrap();
+    let v2 = m.node_dir(1).join("cache/code/code-2/v2.out");
+    wait_until("init.sh of code-2", &m, || async { read(&v2) == "v2\n" }).await;
+    let v = m.get("list_code_versions", json!({})).await.unwrap();
+    assert_eq!(v["codeVersions"][1]["description"], "second");
+    assert_eq!(v["codeVersions"][1]["current"], true, "{v}");
+
     m.post("stop", json!({})).await.unwrap();
     m.wait_state(State::STOPPED).await.unwrap();
 }
