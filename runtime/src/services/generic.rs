@@ -173,7 +173,7 @@ impl GenericAgent {
     }
 
     /// POST `update_code(codeVersionId, filename, archive)`: `archive` is base64; unpacked
-    /// into `CODE_DIR/<codeVersionId>` (kept if that version is there already) and made
+    /// into `CODE_DIR/<codeVersionId>` (kept if the same archive is there already) and made
     /// the current version.
     async fn update_code(self: &Arc<Self>, p: Params) -> RpcResult {
         let mut a = Args::new(p);
@@ -206,13 +206,25 @@ impl GenericAgent {
             .with_context(|| format!("creating {}", self.code_dir.display()))?;
         std::fs::set_permissions(&self.code_dir, std::fs::Permissions::from_mode(0o755))?;
         let dest = self.code_dir.join(id);
+        // The digest of the archive beside the tree: the same id with other content (a
+        // restarted manager counts from code-1 again) replaces the old tree.
+        let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes));
+        let stamp = self.code_dir.join(format!(".{id}.sha256"));
         if dest.is_dir() {
-            return Ok(());
+            if std::fs::read_to_string(&stamp).ok().as_deref() == Some(digest.as_str()) {
+                return Ok(());
+            }
+            let old = self
+                .code_dir
+                .join(format!(".old-{id}-{}", crate::pki::random_hex(4)));
+            std::fs::rename(&dest, &old)?;
+            std::fs::remove_dir_all(&old)?;
         }
         archive::extract(bytes, &dest)?;
         if let Some((_, uid, gid)) = &self.user {
             chown_tree(&dest, *uid, *gid)?;
         }
+        std::fs::write(&stamp, &digest)?;
         Ok(())
     }
 
