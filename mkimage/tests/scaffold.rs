@@ -4,7 +4,8 @@
 //! The copy lives in `<target>/scaffold-test/ws` (recreated each run, a stable path so the
 //! build of the copy's `runtime` crate replaces the previous one); it builds into
 //! `<target>/scaffold-test`, seeded once with hard links to this target directory's
-//! dependencies so only the workspace crate compiles (about half a minute).
+//! dependencies so only the workspace crates compile (`runtime` for the generated tests,
+//! `register` and `mkimage` for the built-in recipe check; about a minute and a half).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -203,6 +204,25 @@ fn new_service_is_generated_registered_and_its_test_passes() {
     assert!(
         out.contains("test demo_service_answers_on_agents_and_manager ... ok")
             && out.contains("test second_service_answers_on_agents_and_manager ... ok"),
+        "{out}"
+    );
+    // the recipes are built in: the copy's mkimage compiles them and its recipe test
+    // (every built-in recipe parses and is named after its file) covers them
+    let o = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["test", "-p", "mkimage", "--lib", "service::"])
+        .current_dir(&ws)
+        .env("CARGO_TARGET_DIR", &base)
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    println!("both cargo runs in the copy: {:?}", start.elapsed());
+    assert!(
+        o.status.success()
+            && out.contains("every_builtin_recipe_parses_and_is_named_after_its_file ... ok"),
         "{out}"
     );
 }
