@@ -57,6 +57,10 @@ pub const SERVICE: ServiceDef = ServiceDef {
 /// Scripts the agent runs, by the command name of `execute_script`.
 pub const COMMANDS: &[&str] = &["init", "notify", "run", "interrupt", "cleanup"];
 
+/// Largest archive: it travels base64-encoded in a JSON request to each agent, whose body
+/// limit is [`crate::rpc::MAX_BODY`].
+pub const MAX_ARCHIVE: usize = crate::rpc::MAX_BODY / 4 * 3 - 64 * 1024;
+
 /// Longest output kept in a script status.
 const OUTPUT_TAIL: u64 = 64 * 1024;
 
@@ -501,6 +505,12 @@ impl GenericManager {
         let (filename, bytes) = a.req("code", is_uploaded_bytes)?;
         let description = a.opt("description", is_string, String::new())?;
         a.finish()?;
+        if bytes.len() > MAX_ARCHIVE {
+            return Err(RpcError(format!(
+                "Invalid archive {filename}: {} bytes, at most {MAX_ARCHIVE} can be sent to the agents",
+                bytes.len()
+            )));
+        }
         let b2 = bytes.clone();
         tokio::task::spawn_blocking(move || {
             archive::check(&b2, &std::env::temp_dir().join("cps-generic-check"))
