@@ -79,7 +79,7 @@ async fn status_page_shows_adapting_then_running_in_chromium() {
     let m = TestManager::start(
         "helloworld",
         CPS,
-        "STARTING_NODES = 0\nSTATUS_PORT = 0\nLOCAL_DEAD_NODES = 1\nBOOT_TIMEOUT = 8",
+        "STARTING_NODES = 0\nSTATUS_PORT = 0\nLOCAL_DEAD_NODES = 1\nBOOT_TIMEOUT = 15",
     )
     .await
     .unwrap();
