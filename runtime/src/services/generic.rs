@@ -453,16 +453,17 @@ fn tail(p: &Path, max: u64) -> String {
     String::from_utf8_lossy(&b).into_owned()
 }
 
+/// Gives the tree to the script user, children before their directory: while a directory's
+/// entries are handled it still belongs to root, so no script can swap them for links.
 fn chown_tree(p: &Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> Result<()> {
-    std::os::unix::fs::lchown(p, Some(uid.as_raw()), Some(gid.as_raw()))
-        .with_context(|| format!("chown {}", p.display()))?;
     let m = std::fs::symlink_metadata(p)?;
     if m.is_dir() {
         for e in std::fs::read_dir(p)? {
             chown_tree(&e?.path(), uid, gid)?;
         }
     }
-    Ok(())
+    std::os::unix::fs::lchown(p, Some(uid.as_raw()), Some(gid.as_raw()))
+        .with_context(|| format!("chown {}", p.display()))
 }
 
 impl AgentService for GenericAgent {
