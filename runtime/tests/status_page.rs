@@ -1,6 +1,7 @@
-//! The manager's status page in a real browser (headless Chromium): ADAPTING while nodes are
-//! being added (one of them never answers, so the state lasts BOOT_TIMEOUT), then RUNNING with
-//! the nodes listed. A screenshot is kept under the target directory.
+//! The manager's status page in a real browser (headless Chromium): hostile text shown as
+//! text, ADAPTING while nodes are being added (one of them never answers, so the state lasts
+//! BOOT_TIMEOUT), then RUNNING with the nodes listed. Screenshots are kept under the target
+//! directory.
 //!
 //! Chromium is required (Debian package `chromium`); `MKIMAGE_SKIP_BROWSER=1` skips the test.
 
@@ -89,6 +90,34 @@ async fn status_page_shows_adapting_then_running_in_chromium() {
     std::fs::create_dir_all(&art).unwrap();
     let profile = tempfile::tempdir().unwrap();
 
+    // hostile text reaches the page (state log reason and log lines) as text only
+    m.post(
+        "startup",
+        json!({"cloud": "<b id=\"xss\">x</b><script>document.title='owned'</script>"}),
+    )
+    .await
+    .unwrap();
+    m.wait_state(State::ERROR).await.unwrap();
+    let dom = {
+        let (b, p, u) = (bin.clone(), profile.path().to_path_buf(), url.clone());
+        tokio::task::spawn_blocking(move || browse(&b, &p, &["--dump-dom"], &u))
+            .await
+            .unwrap()
+    };
+    assert!(dom.contains(r#"class="state ERROR""#), "{dom}");
+    assert!(
+        dom.contains("Unknown cloud '&lt;b id=\"xss\"&gt;x&lt;/b&gt;&lt;script&gt;"),
+        "escaped: {dom}"
+    );
+    assert!(
+        !dom.contains("<b id=\"xss\">")
+            && !dom.contains("<script>")
+            && dom.contains("<title>helloworld manager: ERROR</title>"),
+        "{dom}"
+    );
+    m.post("stop", json!({})).await.unwrap();
+    m.wait_state(State::STOPPED).await.unwrap();
+
     m.post("startup", json!({})).await.unwrap();
     m.wait_state(State::RUNNING).await.unwrap();
     // the first new node never answers: ADAPTING lasts until it is replaced
@@ -159,7 +188,9 @@ async fn status_page_shows_adapting_then_running_in_chromium() {
         assert!(dom.contains(&row), "{row} in {dom}");
     }
     assert!(!dom.contains("<td>iaas1</td>"), "the dead node is gone");
-    for s in ["INIT", "PROLOGUE", "ADAPTING", "RUNNING"] {
+    for s in [
+        "INIT", "PROLOGUE", "ERROR", "STOPPED", "ADAPTING", "RUNNING",
+    ] {
         assert!(dom.contains(&format!("<td>{s}</td>")), "state log has {s}");
     }
     assert!(
