@@ -322,10 +322,11 @@ pub fn extract(bytes: &[u8], dest: &Path) -> Result<()> {
     r
 }
 
-/// Checks an archive without keeping anything: unpacked into a temporary directory under
-/// `scratch` and removed.
+/// Checks an archive without keeping anything: unpacked into a fresh private directory
+/// under `scratch` (e.g. the system's temporary directory) and removed.
 pub fn check(bytes: &[u8], scratch: &Path) -> Result<()> {
     let dir = tempdir_in(scratch)?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
     let r = extract(bytes, &dir.join("x"));
     let _ = fs::remove_dir_all(&dir);
     r

@@ -514,7 +514,7 @@ impl GenericManager {
         }
         let b2 = bytes.clone();
         tokio::task::spawn_blocking(move || {
-            archive::check(&b2, &std::env::temp_dir().join("cps-generic-check"))
+            archive::check(&b2, &std::env::temp_dir())
         })
         .await
         .map_err(|e| RpcError(format!("internal error: {e}")))?
