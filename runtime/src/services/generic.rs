@@ -513,12 +513,10 @@ impl GenericManager {
             )));
         }
         let b2 = bytes.clone();
-        tokio::task::spawn_blocking(move || {
-            archive::check(&b2, &std::env::temp_dir())
-        })
-        .await
-        .map_err(|e| RpcError(format!("internal error: {e}")))?
-        .map_err(|e| RpcError(format!("Invalid archive {filename}: {e:#}")))?;
+        tokio::task::spawn_blocking(move || archive::check(&b2, &std::env::temp_dir()))
+            .await
+            .map_err(|e| RpcError(format!("internal error: {e}")))?
+            .map_err(|e| RpcError(format!("Invalid archive {filename}: {e:#}")))?;
         let mut v = self.versions.lock().expect("versions");
         let id = format!("code-{}", v.len() + 1);
         v.push(CodeVersion {
