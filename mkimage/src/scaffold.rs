@@ -4,8 +4,8 @@
 //! Writes the image recipe, the agent and manager config annexes, the runtime module (agent and
 //! manager halves with one example method each) and its test, with the name in lower, Mixed and
 //! UPPER case; then registers the service by inserting one line above each marker:
-//! `BLUEPRINT_INSERT_MODULE` and `BLUEPRINT_INSERT_SERVICE` in `runtime/src/services/mod.rs`,
-//! `BLUEPRINT_INSERT_RECIPE` in `mkimage/src/service.rs`. Nothing is written unless every check
+//! `BLUEPRINT_INSERT_SERVICE` in `runtime/src/services/mod.rs` (the runtime's registry),
+//! `BLUEPRINT_INSERT_RECIPE` in `mkimage/src/service.rs` (the built-in recipes). Nothing is written unless every check
 //! passed (valid name, no such service yet, templates and markers present).
 
 use std::path::{Path, PathBuf};
@@ -110,12 +110,14 @@ pub struct Created {
     pub registered: Vec<String>,
 }
 
-/// Inserts `line` (indented like the marker) above the line containing `marker`.
+/// Inserts `line` (indented like the marker) above the marker line: the first line that is
+/// a `// MARKER …` comment (mentions of the marker elsewhere do not count).
 fn insert_above(text: &str, marker: &str, line: &str, file: &str) -> Result<String> {
     let mut out = String::with_capacity(text.len() + line.len() + 8);
     let mut found = false;
+    let comment = format!("// {marker}");
     for l in text.split_inclusive('\n') {
-        if !found && l.contains(marker) {
+        if !found && l.trim_start().starts_with(&comment) {
             let indent: String = l.chars().take_while(|c| c.is_whitespace()).collect();
             out.push_str(&indent);
             out.push_str(line);
@@ -146,10 +148,9 @@ pub fn new_service(ws: &Path, name: &str, description: Option<&str>) -> Result<C
         .with_context(|| format!("reading {}", registry_path.display()))?;
     let recipes = std::fs::read_to_string(&recipes_path)
         .with_context(|| format!("reading {}", recipes_path.display()))?;
-    let mod_line = format!("pub mod {};", n.lc);
-    let svc_line = format!("{}::SERVICE,", n.lc);
+    let svc_line = format!("{},", n.lc);
     let recipe_line = format!("(\"{0}\", include_str!(\"../../recipes/{0}.toml\")),", n.lc);
-    if registry.lines().any(|l| l.trim() == mod_line) {
+    if registry.lines().any(|l| l.trim() == svc_line) {
         bail!(
             "service '{}' exists already (registered in {REGISTRY})",
             n.lc
@@ -190,7 +191,6 @@ pub fn new_service(ws: &Path, name: &str, description: Option<&str>) -> Result<C
         })?;
         rendered.push((rel.clone(), text));
     }
-    let registry = insert_above(&registry, "BLUEPRINT_INSERT_MODULE", &mod_line, REGISTRY)?;
     let registry = insert_above(&registry, "BLUEPRINT_INSERT_SERVICE", &svc_line, REGISTRY)?;
     let recipes = insert_above(&recipes, "BLUEPRINT_INSERT_RECIPE", &recipe_line, RECIPES)?;
 
@@ -267,10 +267,10 @@ mod tests {
 
     #[test]
     fn insertion_keeps_the_marker_and_its_indent() {
-        let t = "a\n    // BLUEPRINT_INSERT_X\n];\n";
+        let t = "//! the `BLUEPRINT_INSERT_X` marker\na\n    // BLUEPRINT_INSERT_X (keep)\n];\n";
         assert_eq!(
-            insert_above(t, "BLUEPRINT_INSERT_X", "x::SERVICE,", "f").unwrap(),
-            "a\n    x::SERVICE,\n    // BLUEPRINT_INSERT_X\n];\n"
+            insert_above(t, "BLUEPRINT_INSERT_X", "x,", "f").unwrap(),
+            "//! the `BLUEPRINT_INSERT_X` marker\na\n    x,\n    // BLUEPRINT_INSERT_X (keep)\n];\n"
         );
         assert!(insert_above("a\n", "BLUEPRINT_INSERT_X", "x", "f")
             .unwrap_err()

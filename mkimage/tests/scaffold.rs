@@ -112,11 +112,7 @@ fn new_service_is_generated_registered_and_its_test_passes() {
     // one registration line above each marker
     let reg = read(&ws.join("runtime/src/services/mod.rs"));
     assert!(
-        reg.contains("pub mod demo;\n// BLUEPRINT_INSERT_MODULE"),
-        "{reg}"
-    );
-    assert!(
-        reg.contains("    demo::SERVICE,\n    // BLUEPRINT_INSERT_SERVICE"),
+        reg.contains("    generic,\n    demo,\n    // BLUEPRINT_INSERT_SERVICE"),
         "{reg}"
     );
     let recipes = read(&ws.join("mkimage/src/service.rs"));

@@ -1,5 +1,5 @@
 //! Hello World: every agent answers `get_helloworld` with its `STRING_TO_GENERATE`; the
-//! manager's `get_helloworld` collects "Received <string> from <node id>" from all of them.
+//! manager's `get_helloworld` collects "Received STRING from NODE-ID" from all of them.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,9 +3,10 @@
 //!
 //! A service is one module here (`<name>.rs`, or `<name>/mod.rs`) exporting a
 //! [`ServiceDef`] named `SERVICE`, plus its config annexes `config/agent/<name>-agent.cfg` and
-//! `config/manager/<name>-manager.cfg`. Registering it takes two lines in this file: the `mod`
-//! line and the entry in [`SERVICES`]. `mkimage service new NAME` writes the files and inserts
-//! both lines above the `BLUEPRINT_INSERT_*` markers (keep the markers).
+//! `config/manager/<name>-manager.cfg`. Registering it takes one line in this file: its name in
+//! the `registry!` list, which declares the module and adds it to [`SERVICES`].
+//! `mkimage service new NAME` writes the files and inserts that line above the
+//! `BLUEPRINT_INSERT_SERVICE` marker (keep the marker).
 //!
 //! Nothing else in the runtime names a service: the agent adds the service's methods to its
 //! core ones (`check_process`, `get_log`), the manager adds them to its own and calls the
@@ -25,16 +26,22 @@ use crate::manager::{Manager, State};
 use crate::rpc::{Methods, RpcError};
 
 pub mod archive;
-pub mod generic;
-pub mod helloworld;
-// BLUEPRINT_INSERT_MODULE (`mkimage service new` adds `pub mod <name>;` above this line)
 
-/// Every service the runtime knows, by `TYPE`.
-pub static SERVICES: &[ServiceDef] = &[
-    helloworld::SERVICE,
-    generic::SERVICE,
-    // BLUEPRINT_INSERT_SERVICE (`mkimage service new` adds `<name>::SERVICE,` above this line)
-];
+/// Declares each service's module and lists its `SERVICE` in [`SERVICES`].
+macro_rules! registry {
+    ($($name:ident),* $(,)?) => {
+        $(pub mod $name;)*
+
+        /// Every service the runtime knows, by `TYPE`.
+        pub static SERVICES: &[ServiceDef] = &[$($name::SERVICE),*];
+    };
+}
+
+registry! {
+    helloworld,
+    generic,
+    // BLUEPRINT_INSERT_SERVICE (`mkimage service new` adds `<name>,` above this line)
+}
 
 /// How one service plugs into the runtime.
 pub struct ServiceDef {
