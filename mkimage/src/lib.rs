@@ -20,6 +20,7 @@ pub mod preinstall;
 pub mod progress;
 pub mod recipe;
 pub mod registration;
+pub mod scaffold;
 pub mod service;
 pub mod stage;
 pub mod verify;

@@ -163,6 +163,29 @@ software hypervisor) TCG is used and the reason is printed."
     Preinstall(mkimage::preinstall::PreinstallArgs),
     /// Print the JSON Schema of the TOML recipe format.
     Schema,
+    /// ConPaaS services of the workspace.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Create a new service from the blueprint templates (recipes/blueprint/): recipe,
+    /// config annexes, runtime module with an example method on each side, its test, and
+    /// the registration lines.
+    #[command(
+        after_help = "Examples:\n  mkimage service new demo\n  mkimage service new fooBar --workspace ~/src/mkimage --description \"Foo as a service\""
+    )]
+    New {
+        /// Service name: ASCII letters and digits, starting with a letter (fooBar → foobar, FooBar, FOOBAR).
+        name: String,
+        /// The workspace to add it to (default: the one containing the current directory).
+        #[arg(long)]
+        workspace: Option<PathBuf>,
+        /// One-line description for the recipe and the module documentation.
+        #[arg(long)]
+        description: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -429,6 +452,23 @@ fn run(cli: Cli) -> Result<(), Failure> {
         },
         Command::Schema => {
             println!("{}", recipe::json_schema());
+            Ok(())
+        }
+        Command::Service(ServiceCmd::New {
+            name,
+            workspace,
+            description,
+        }) => {
+            let ws = match workspace {
+                Some(w) => w,
+                None => {
+                    let cwd = std::env::current_dir().map_err(bad_input)?;
+                    mkimage::scaffold::find_workspace(&cwd).map_err(bad_input)?
+                }
+            };
+            let created = mkimage::scaffold::new_service(&ws, &name, description.as_deref())
+                .map_err(|e| bad_input(format!("{e:#}")))?;
+            print!("{}", mkimage::scaffold::next_steps(&created));
             Ok(())
         }
         Command::Plan {

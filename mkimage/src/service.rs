@@ -22,6 +22,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("xtreemfs", include_str!("../../recipes/xtreemfs.toml")),
     ("condor", include_str!("../../recipes/condor.toml")),
     ("hadoop", include_str!("../../recipes/hadoop.toml")),
+    // BLUEPRINT_INSERT_RECIPE (`mkimage service new` adds its recipe above this line)
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -1,8 +1,7 @@
-//! The agent (service id 0): `check_process`, `get_log` and the service's methods
-//! (helloworld: `startup`, `get_helloworld`).
+//! The agent (service id 0): `check_process`, `get_log` and the methods of its service
+//! (from the registry, `crate::services`, by `TYPE`).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -63,21 +62,25 @@ impl AgentConfig {
 
 pub struct Agent {
     cfg: AgentConfig,
-    started: AtomicBool,
+    service: Option<Arc<dyn crate::services::AgentService>>,
 }
 
 impl Agent {
+    /// An agent whose service settings all take their defaults.
     pub fn new(cfg: AgentConfig) -> Arc<Self> {
+        Self::with_ini(cfg, &Ini::default()).expect("service with default settings")
+    }
+
+    /// An agent whose service reads its settings from `ini` (the agent's config file).
+    pub fn with_ini(cfg: AgentConfig, ini: &Ini) -> Result<Arc<Self>> {
         tracing::info!(
             "'{}' agent started (uid {}, sid {})",
             cfg.service_type,
             cfg.user_id,
             cfg.service_id
         );
-        Arc::new(Agent {
-            cfg,
-            started: AtomicBool::new(false),
-        })
+        let service = crate::services::agent_service(&cfg, ini)?;
+        Ok(Arc::new(Agent { cfg, service }))
     }
 
     async fn check_process(&self, p: Params) -> RpcResult {
@@ -89,18 +92,6 @@ impl Agent {
     async fn get_log(&self, p: Params) -> RpcResult {
         Args::new(p).finish()?;
         read_log(&self.cfg.log_file).await
-    }
-
-    async fn startup(&self, p: Params) -> RpcResult {
-        Args::new(p).finish()?;
-        self.started.store(true, Ordering::SeqCst);
-        tracing::info!("Agent started up");
-        Ok(json!({}))
-    }
-
-    async fn get_helloworld(&self, p: Params) -> RpcResult {
-        Args::new(p).finish()?;
-        Ok(json!({"result": self.cfg.string_to_generate}))
     }
 }
 
@@ -114,14 +105,14 @@ pub async fn read_log(path: &Path) -> RpcResult {
 impl Exposed for Agent {
     fn expose(self: Arc<Self>, m: &mut Methods) {
         expose!(m, self, { GET check_process, GET get_log });
-        if self.cfg.service_type == "helloworld" {
-            expose!(m, self, { POST startup, GET get_helloworld });
+        if let Some(s) = &self.service {
+            s.clone().expose(m);
         }
     }
 }
 
-/// Enrols if needed, then serves forever.
-pub async fn run(cfg: AgentConfig) -> Result<()> {
+/// Enrols if needed, then serves forever. `ini` is the agent's config file (service settings).
+pub async fn run(cfg: AgentConfig, ini: &Ini) -> Result<()> {
     let paths = CertPaths::in_dir(&cfg.cert_dir);
     if !(paths.cert.exists() && paths.key.exists()) {
         if let (Some(url), Some(token)) = (&cfg.enroll_url, &cfg.enroll_token) {
@@ -137,7 +128,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .with_context(|| format!("binding {}:{}", cfg.bind, cfg.port))?;
     tracing::info!("agent listening on {}", listener.local_addr()?);
     let mut d = Dispatcher::new();
-    d.add_service(0, Agent::new(cfg));
+    d.add_service(0, Agent::with_ini(cfg, ini)?);
     crate::rpc::serve_tls(listener, tls, d.router()).await;
     Ok(())
 }

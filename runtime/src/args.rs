@@ -136,6 +136,17 @@ pub fn is_uploaded_file(v: &Value) -> Result<(String, String), String> {
     }
 }
 
+/// An uploaded file with its exact bytes (binary uploads carry `"base64"`).
+pub fn is_uploaded_bytes(v: &Value) -> Result<(String, Vec<u8>), String> {
+    let (name, content) = is_uploaded_file(v)?;
+    match v.get("base64").and_then(Value::as_str) {
+        Some(b) => base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b)
+            .map(|bytes| (name, bytes))
+            .map_err(|e| format!("bad base64 content: {e}")),
+        None => Ok((name, content.into_bytes())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

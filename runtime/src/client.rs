@@ -164,6 +164,57 @@ impl RpcClient {
             .await?;
         check_response(r)
     }
+
+    /// UPLOAD: a `multipart/form-data` POST with plain `fields` and `files`
+    /// (`(field name, file name, bytes)`), as the original `jsonrpc_upload`.
+    pub async fn upload(
+        &self,
+        service_id: u64,
+        method: &str,
+        fields: &[(&str, &str)],
+        files: &[(&str, &str, &[u8])],
+    ) -> Result<Value, ClientError> {
+        let (ct, body) = multipart_body(service_id, method, fields, files);
+        let r = self
+            .raw("POST", "/", &[("content-type", &ct)], body)
+            .await?;
+        check_response(r)
+    }
+}
+
+/// A `multipart/form-data` body and its content type.
+pub fn multipart_body(
+    service_id: u64,
+    method: &str,
+    fields: &[(&str, &str)],
+    files: &[(&str, &str, &[u8])],
+) -> (String, Bytes) {
+    let boundary = format!("cps-{}", crate::pki::random_hex(12));
+    let mut b: Vec<u8> = Vec::new();
+    let sid = service_id.to_string();
+    let plain = [("service_id", sid.as_str()), ("method", method)];
+    for (k, v) in plain.iter().chain(fields.iter()) {
+        b.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
+                .as_bytes(),
+        );
+    }
+    for (k, name, data) in files {
+        b.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"; filename=\"{name}\"\r\n\
+                 Content-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        b.extend_from_slice(data);
+        b.extend_from_slice(b"\r\n");
+    }
+    b.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (
+        format!("multipart/form-data; boundary={boundary}"),
+        Bytes::from(b),
+    )
 }
 
 pub fn get_query(service_id: u64, method: &str, params: &Value) -> String {

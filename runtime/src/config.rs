@@ -128,6 +128,14 @@ impl Ini {
             .insert(key.to_ascii_uppercase(), value.to_string());
     }
 
+    /// Keys of `section` (upper case), without `[DEFAULT]`.
+    pub fn keys(&self, section: &str) -> Vec<String> {
+        self.sections
+            .get(section)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub fn has_section(&self, section: &str) -> bool {
         self.sections.contains_key(section)
     }

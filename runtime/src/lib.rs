@@ -13,6 +13,9 @@ pub mod manager;
 pub mod pki;
 pub mod qemu;
 pub mod rpc;
+pub mod services;
+pub mod status;
+pub mod testkit;
 
 /// Logs to `file` (appending) or to stderr; `RUST_LOG` overrides the level (default info).
 pub fn init_logging(file: Option<&std::path::Path>) -> anyhow::Result<()> {

@@ -187,6 +187,16 @@ enum ClientCmd {
         #[arg(long)]
         post: bool,
     },
+    /// UPLOAD files (multipart/form-data), e.g. `upload upload_code_version -F code=app.tar.gz`.
+    Upload {
+        method: String,
+        /// File field FIELD=PATH (repeatable).
+        #[arg(long = "file", short = 'F', required = true)]
+        files: Vec<String>,
+        /// Plain field KEY=VALUE.
+        #[arg(long = "param", short = 'P')]
+        params: Vec<String>,
+    },
     /// Service state and type.
     Info,
     /// Start the service.
@@ -244,7 +254,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(runtime::agent::run(cfg))?;
+            rt.block_on(runtime::agent::run(cfg, &ini))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Manager(o) => {
@@ -488,6 +498,40 @@ fn client(o: ClientOpts) -> Result<ExitCode> {
                     c.get(sid, method, &p).await
                 };
                 anyhow::Ok((r, pretty as fn(&Value) -> String))
+            }
+            ClientCmd::Upload {
+                method,
+                files,
+                params,
+            } => {
+                let mut loaded = Vec::new();
+                for f in files {
+                    let (field, path) = f
+                        .split_once('=')
+                        .ok_or_else(|| anyhow!("--file expects FIELD=PATH, got '{f}'"))?;
+                    let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+                    let name = Path::new(path)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    loaded.push((field.to_string(), name, data));
+                }
+                let mut fields = Vec::new();
+                for p in params {
+                    let (k, v) = p
+                        .split_once('=')
+                        .ok_or_else(|| anyhow!("--param expects KEY=VALUE, got '{p}'"))?;
+                    fields.push((k.to_string(), v.to_string()));
+                }
+                let f: Vec<(&str, &str)> = fields
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let l: Vec<(&str, &str, &[u8])> = loaded
+                    .iter()
+                    .map(|(k, n, d)| (k.as_str(), n.as_str(), d.as_slice()))
+                    .collect();
+                Ok((c.upload(sid, method, &f, &l).await, pretty as _))
             }
             ClientCmd::Info => Ok((
                 c.get(sid, "get_service_info", &json!({})).await,

@@ -1,5 +1,5 @@
-//! The service manager (service id 0): states, node management through the controller,
-//! helloworld.
+//! The service manager (service id 0): states, node management through the controller; the
+//! service's own methods and hooks come from the registry (`crate::services`).
 //!
 //! States and preconditions (original `core/manager.py`):
 //! * `startup` only from `INIT`/`STOPPED` → `PROLOGUE` → `RUNNING` (or `ERROR`);
@@ -66,6 +66,8 @@ pub struct Manager {
     pub starting_nodes: std::sync::atomic::AtomicUsize,
     pub log_file: PathBuf,
     controller: Arc<Controller>,
+    /// The service's half (registry entry of `service_type`).
+    service: Arc<dyn crate::services::ManagerService>,
     inner: Mutex<Inner>,
     /// Held by every background operation: operations never overlap.
     ops: tokio::sync::Mutex<()>,
@@ -80,20 +82,49 @@ fn now() -> f64 {
 
 impl Manager {
     pub fn new(service_type: &str, log_file: PathBuf, controller: Arc<Controller>) -> Arc<Self> {
-        let m = Manager {
+        let m = Arc::new_cyclic(|me| Manager {
             service_type: service_type.to_string(),
             starting_nodes: std::sync::atomic::AtomicUsize::new(1),
             log_file,
             controller,
+            service: crate::services::manager_service(
+                service_type,
+                crate::services::ManagerHandle(me.clone()),
+            ),
             inner: Mutex::new(Inner {
                 state: State::INIT,
                 log: Vec::new(),
                 nodes: Vec::new(),
             }),
             ops: tokio::sync::Mutex::new(()),
-        };
+        });
         m.set_state(State::INIT, "Manager initialized");
-        Arc::new(m)
+        m
+    }
+
+    /// The state log (`get_service_history`).
+    pub fn state_log(&self) -> Vec<StateEntry> {
+        self.inner.lock().expect("state lock").log.clone()
+    }
+
+    /// Calls `method` on every node's agent concurrently (POST or GET); results in order.
+    pub async fn call_nodes(
+        &self,
+        nodes: &[ServiceNode],
+        post: bool,
+        method: &str,
+        params: &Value,
+    ) -> Vec<(String, Result<Value, crate::client::ClientError>)> {
+        let calls = nodes.iter().map(|n| async move {
+            let c = self.controller.agent_client(n);
+            let r = if post {
+                c.post(0, method, params).await
+            } else {
+                c.get(0, method, params).await
+            };
+            (n.id.clone(), r)
+        });
+        join_all(calls).await
     }
 
     pub fn state(&self) -> State {
@@ -192,19 +223,16 @@ impl Manager {
                 }
             ));
         }
-        // on_start / on_add_nodes: POST startup on every new agent.
-        let calls = created.ready.iter().map(|n| async move {
-            (
-                n.id.clone(),
-                self.controller
-                    .agent_client(n)
-                    .post(0, "startup", &json!({}))
-                    .await,
-            )
-        });
-        for (id, r) in join_all(calls).await {
-            if let Err(e) = r {
-                problem = Some(format!("startup of node {id} failed: {e}"));
+        // on_start / on_add_nodes: the service's hook (default: POST startup on each).
+        if !created.ready.is_empty() {
+            let mut all = self.nodes();
+            all.extend(created.ready.iter().cloned());
+            if let Err(e) = self
+                .service
+                .on_nodes_added(self, &created.ready, &all)
+                .await
+            {
+                problem = Some(e);
             }
         }
         (created.ready, problem)
@@ -335,6 +363,14 @@ impl Manager {
         tokio::spawn(async move {
             let _op = me.ops.lock().await;
             me.controller.delete_nodes(&to_remove).await;
+            let remaining = me.nodes();
+            if let Err(e) = me
+                .service
+                .on_nodes_removed(&me, &to_remove, &remaining)
+                .await
+            {
+                tracing::warn!("after removing nodes: {e}");
+            }
             me.set_state(
                 State::RUNNING,
                 &format!("Removed {} node(s)", to_remove.len()),
@@ -417,43 +453,6 @@ impl Manager {
             .map_err(|e| RpcError(e.to_string()))
     }
 
-    async fn get_helloworld(&self, p: Params) -> RpcResult {
-        Args::new(p).finish()?;
-        let nodes = {
-            let i = self.inner.lock().expect("state lock");
-            if i.state != State::RUNNING {
-                return Err(RpcError(format!(
-                    "Wrong state to get_helloworld: service is {} (must be RUNNING)",
-                    i.state
-                )));
-            }
-            i.nodes.clone()
-        };
-        let calls = nodes.iter().map(|n| async move {
-            let r = self
-                .controller
-                .agent_client(n)
-                .get(0, "get_helloworld", &json!({}))
-                .await;
-            (n.id.clone(), r)
-        });
-        let mut lines = Vec::new();
-        for (id, r) in join_all(calls).await {
-            match r {
-                Ok(v) => {
-                    let s = v
-                        .get("result")
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                        .unwrap_or_else(|| v.to_string());
-                    lines.push(format!("Received {s} from {id}"));
-                }
-                Err(e) => return Err(RpcError(format!("Node {id} did not answer: {e}"))),
-            }
-        }
-        Ok(json!({"helloworld": lines.join("\n")}))
-    }
-
     /// UPLOAD: the user's startup script, put into the context of nodes created from now on.
     async fn upload_startup_script(&self, p: Params) -> RpcResult {
         let mut a = Args::new(p);
@@ -492,9 +491,7 @@ impl Exposed for Manager {
             POST startup, POST add_nodes, POST remove_nodes, POST stop,
             UPLOAD upload_startup_script, GET get_startup_script,
         });
-        if self.service_type == "helloworld" {
-            expose!(m, self, { GET get_helloworld });
-        }
+        self.service.clone().expose(m);
     }
 }
 
@@ -533,6 +530,8 @@ pub struct ManagerConfig {
     pub nspawn_rootfs: Option<PathBuf>,
     pub starting_nodes: usize,
     pub replacements: BTreeMap<String, String>,
+    /// Read-only HTML status page on 127.0.0.1 (`STATUS_PORT`; none = off, 0 = ephemeral).
+    pub status_port: Option<u16>,
     /// `[qemu]` section (the `qemu` driver).
     pub qemu: Option<crate::qemu::QemuSettings>,
 }
@@ -549,13 +548,7 @@ impl ManagerConfig {
         }
         let opt = |k: &str| ini.get(S, k).filter(|v| !v.is_empty());
         let service_type = ini.get_or(S, "TYPE", "helloworld");
-        let mut replacements = BTreeMap::new();
-        if service_type == "helloworld" {
-            replacements.insert(
-                "STRING".to_string(),
-                ini.get_or(S, "CONTEXT_STRING", "helloworld"),
-            );
-        }
+        let replacements = (crate::services::require(&service_type)?.replacements)(ini);
         let cert_dir: PathBuf = ini.require(S, "CERT_DIR")?.into();
         Ok(ManagerConfig {
             service_type,
@@ -588,6 +581,11 @@ impl ManagerConfig {
             nspawn_rootfs: opt("NSPAWN_ROOTFS").map(PathBuf::from),
             starting_nodes: ini.parse_or(S, "STARTING_NODES", 1)?,
             replacements,
+            status_port: ini
+                .get(S, "STATUS_PORT")
+                .filter(|v| !v.is_empty())
+                .map(|v| v.parse().context("STATUS_PORT"))
+                .transpose()?,
             qemu: crate::qemu::QemuSettings::from_ini(ini)?,
         })
     }
@@ -733,7 +731,11 @@ pub async fn start(cfg: &ManagerConfig) -> Result<Running> {
         etls,
         enroller.router(),
     ));
-    let ports = json!({"port": rpc_addr.port(), "enroll_port": enroll_addr.port()});
+    let mut ports = json!({"port": rpc_addr.port(), "enroll_port": enroll_addr.port()});
+    if let Some(port) = cfg.status_port {
+        let addr = crate::status::serve(manager.clone(), port).await?;
+        ports["status_port"] = json!(addr.port());
+    }
     pki::write_file(&cfg.var_run.join("ports.json"), &ports.to_string(), 0o644)?;
     tracing::info!("manager listening on {rpc_addr} (enrolment on {enroll_addr})");
     Ok(Running {

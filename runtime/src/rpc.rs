@@ -6,7 +6,8 @@
 //!   (last value wins for repeated keys);
 //! * `POST` with a JSON content type: envelope `{"service_id", "method", "params", "id"}`;
 //! * `POST` `multipart/form-data`: dispatched as `UPLOAD` (plain fields as strings, file fields
-//!   as `{"filename", "content"}` objects), echo id 1;
+//!   as `{"filename", "content"}` objects, plus `"base64"` of the exact bytes when they are not
+//!   UTF-8), echo id 1;
 //! * other verbs: 405;
 //! * a method is callable only with its declared verb;
 //! * answers: `{"result": …, "error": null, "id": …}` or `{"error": "…", "id": …}` (HTTP 200).
@@ -393,7 +394,15 @@ async fn parse_multipart(req: Request) -> Result<Call, (StatusCode, String)> {
             )
         })?;
         let value = match filename {
-            Some(f) => json!({"filename": f, "content": String::from_utf8_lossy(&data)}),
+            // Text files as they are; binary ones (archives) also base64-encoded, intact.
+            Some(f) => match std::str::from_utf8(&data) {
+                Ok(text) => json!({"filename": f, "content": text}),
+                Err(_) => json!({
+                    "filename": f,
+                    "content": String::from_utf8_lossy(&data),
+                    "base64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &data),
+                }),
+            },
             None => Value::String(String::from_utf8_lossy(&data).into_owned()),
         };
         fields.insert(name, value);
