@@ -57,7 +57,8 @@ impl Nutshell {
     pub fn packages(&self) -> Vec<&'static str> {
         match self.embed {
             Layout::Container => vec!["systemd-container"],
-            _ => vec!["qemu-system-x86", "qemu-utils"],
+            // genisoimage: the qemu driver writes each node's config drive with it.
+            _ => vec!["qemu-system-x86", "qemu-utils", "genisoimage"],
         }
     }
 
