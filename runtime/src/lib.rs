@@ -5,12 +5,17 @@ pub mod args;
 pub mod bootctx;
 pub mod client;
 pub mod cloud;
+pub mod cloudcfg;
 pub mod config;
 pub mod context;
 pub mod controller;
+#[cfg(feature = "clouds")]
+pub mod ec2;
 pub mod enrol;
 pub mod manager;
 pub mod pki;
+#[cfg(feature = "clouds")]
+pub mod openstack;
 pub mod qemu;
 pub mod rpc;
 

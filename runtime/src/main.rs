@@ -275,7 +275,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 tracing::info!("shutting down");
                 running.manager.shutdown().await;
-                if let Some(c) = &running.local_cloud {
+                for c in &running.local_clouds {
                     c.kill_all();
                 }
                 anyhow::Ok(())

@@ -186,6 +186,7 @@ fn fixture(open_gate: bool, dead: u32, max_retries: u32) -> Fx {
     };
     let controller = Arc::new(Controller {
         cloud: cloud.clone(),
+        other_clouds: Vec::new(),
         config: ConfigTree::locate().unwrap(),
         enroller,
         agent_tls: pki::client_config(
