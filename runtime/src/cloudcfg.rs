@@ -260,7 +260,11 @@ pub fn ec2_region(value: &str) -> String {
 
 fn parse_ec2(s: &Section) -> Result<Ec2Settings> {
     let region_raw = s.req(&["REGION", "EC2_REGION", "AWS_REGION"])?;
-    let mut groups = s.list(&["SECURITY_GROUP_NAME", "EC2_SECURITY_GROUP_NAME", "SECURITY_GROUP"]);
+    let mut groups = s.list(&[
+        "SECURITY_GROUP_NAME",
+        "EC2_SECURITY_GROUP_NAME",
+        "SECURITY_GROUP",
+    ]);
     // An id given where the original wanted a name: sort it to the ids.
     let mut group_ids = s.list(&["SECURITY_GROUP_ID", "SECURITY_GROUP_IDS"]);
     group_ids.extend(groups.iter().filter(|g| g.starts_with("sg-")).cloned());
@@ -285,7 +289,13 @@ fn parse_ec2(s: &Section) -> Result<Ec2Settings> {
         region: ec2_region(&region_raw),
         endpoint: s.opt(&["ENDPOINT", "ENDPOINT_URL", "EC2_URL"]),
         image_id: s.req(&["IMAGE_ID", "EC2_IMAGE_ID", "AMI"])?,
-        instance_type: s.req(&["SIZE_ID", "EC2_SIZE_ID", "SIZE", "INSTANCE_TYPE", "INST_TYPE"])?,
+        instance_type: s.req(&[
+            "SIZE_ID",
+            "EC2_SIZE_ID",
+            "SIZE",
+            "INSTANCE_TYPE",
+            "INST_TYPE",
+        ])?,
         security_groups: groups,
         security_group_ids: group_ids,
         subnet_id: s.opt(&["SUBNET_ID", "SUBNET"]),
@@ -334,7 +344,13 @@ fn parse_openstack(s: &Section) -> Result<OpenStackSettings> {
         password: s.req(&["PASSWORD", "OPENSTACK_PASSWORD", "OS_PASSWORD"])?,
         // The original scoped to a tenant named like the user.
         project: s
-            .opt(&["PROJECT", "PROJECT_NAME", "TENANT", "TENANT_NAME", "OS_PROJECT_NAME"])
+            .opt(&[
+                "PROJECT",
+                "PROJECT_NAME",
+                "TENANT",
+                "TENANT_NAME",
+                "OS_PROJECT_NAME",
+            ])
             .unwrap_or_else(|| user.clone()),
         user_domain: dom(&["USER_DOMAIN", "USER_DOMAIN_NAME", "OS_USER_DOMAIN_NAME"]),
         project_domain: dom(&[
@@ -350,7 +366,13 @@ fn parse_openstack(s: &Section) -> Result<OpenStackSettings> {
             .trim_end_matches("URL")
             .to_ascii_lowercase(),
         image_id: s.req(&["IMAGE_ID", "OPENSTACK_IMAGE_ID", "IMAGE"])?,
-        flavor: s.req(&["SIZE_ID", "OPENSTACK_SIZE_ID", "FLAVOR", "FLAVOR_ID", "INST_TYPE"])?,
+        flavor: s.req(&[
+            "SIZE_ID",
+            "OPENSTACK_SIZE_ID",
+            "FLAVOR",
+            "FLAVOR_ID",
+            "INST_TYPE",
+        ])?,
         network_id: s.opt(&["NETWORK_ID", "OPENSTACK_NETWORK_ID", "NETWORK"]),
         key_name: s.opt(&["KEY_NAME", "OPENSTACK_KEY_NAME"]),
         security_groups: s.list(&["SECURITY_GROUP_NAME", "OPENSTACK_SECURITY_GROUP_NAME"]),
@@ -507,11 +529,15 @@ SECURITY_GROUP_NAME = contrail\nKEY_NAME = conpaas\nREGION = ec2.eu-west-1.amazo
         assert_eq!(e.endpoint.as_deref(), Some("http://127.0.0.1:5000"));
         let plain = "[c]\nACCESS_KEY_ID = a\nSECRET_ACCESS_KEY = b\nAMI = ami-2\n\
                      INSTANCE_TYPE = t3.micro\nREGION = us-west-2\n";
-        let CloudSettings::Ec2(e) = parse_cloud(plain, "p.cfg", "c", Some(DriverKind::Ec2)).unwrap()
+        let CloudSettings::Ec2(e) =
+            parse_cloud(plain, "p.cfg", "c", Some(DriverKind::Ec2)).unwrap()
         else {
             panic!()
         };
-        assert_eq!((e.image_id.as_str(), e.instance_type.as_str()), ("ami-2", "t3.micro"));
+        assert_eq!(
+            (e.image_id.as_str(), e.instance_type.as_str()),
+            ("ami-2", "t3.micro")
+        );
     }
 
     #[test]
@@ -526,11 +552,15 @@ SECURITY_GROUP_NAME = contrail\nKEY_NAME = conpaas\nREGION = ec2.eu-west-1.amazo
         );
         // An empty value points at its own line.
         let t = "[iaas]\nDRIVER = EC2\nIMAGE_ID =\nSIZE_ID = t1.micro\nREGION = us-east-1\n";
-        let e = parse_cloud(t, "ec2.cfg", "iaas", None).unwrap_err().to_string();
+        let e = parse_cloud(t, "ec2.cfg", "iaas", None)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("ec2.cfg:3: missing or empty IMAGE_ID"), "{e}");
         // Only half of the credentials.
         let t = "[iaas]\nDRIVER = EC2\nUSER = a\nIMAGE_ID = i\nSIZE_ID = s\nREGION = r\n";
-        let e = parse_cloud(t, "ec2.cfg", "iaas", None).unwrap_err().to_string();
+        let e = parse_cloud(t, "ec2.cfg", "iaas", None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ec2.cfg:1") && e.contains("PASSWORD"), "{e}");
         // No driver anywhere.
         let e = parse_cloud("[iaas]\nUSER = a\n", "c.cfg", "iaas", None)
@@ -573,7 +603,10 @@ SECURITY_GROUP_NAME = contrail\nKEY_NAME = conpaas\nREGION = ec2.eu-west-1.amazo
         assert_eq!(o.auth_url, "http://172.16.0.1:5000/v3");
         assert_eq!(o.user, "demo");
         assert_eq!(o.project, "demo", "the original's tenant is the user");
-        assert_eq!((o.user_domain.as_str(), o.project_domain.as_str()), ("Default", "Default"));
+        assert_eq!(
+            (o.user_domain.as_str(), o.project_domain.as_str()),
+            ("Default", "Default")
+        );
         assert_eq!(o.flavor, "m1.small");
         assert_eq!(o.image_id, "0f1e");
         assert_eq!(o.network_id.as_deref(), Some("net-1"));
@@ -592,9 +625,15 @@ SECURITY_GROUP_NAME = contrail\nKEY_NAME = conpaas\nREGION = ec2.eu-west-1.amazo
             panic!()
         };
         assert_eq!(o.auth_url, "https://keystone.example:5000/v3");
-        assert_eq!((o.user_domain.as_str(), o.project_domain.as_str()), ("corp", "other"));
+        assert_eq!(
+            (o.user_domain.as_str(), o.project_domain.as_str()),
+            ("corp", "other")
+        );
         assert_eq!((o.project.as_str(), o.flavor.as_str()), ("proj", "42"));
-        assert_eq!((o.region.as_deref(), o.interface.as_str()), (Some("R2"), "internal"));
+        assert_eq!(
+            (o.region.as_deref(), o.interface.as_str()),
+            (Some("R2"), "internal")
+        );
 
         let e = parse_cloud(
             "[iaas]\nDRIVER = OPENSTACK\nUSER = u\nPASSWORD = p\nIMAGE_ID = i\nSIZE_ID = s\n",
@@ -604,15 +643,20 @@ SECURITY_GROUP_NAME = contrail\nKEY_NAME = conpaas\nREGION = ec2.eu-west-1.amazo
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("openstack.cfg:1:") && e.contains("AUTH_URL"), "{e}");
+        assert!(
+            e.contains("openstack.cfg:1:") && e.contains("AUTH_URL"),
+            "{e}"
+        );
     }
 
     #[test]
     fn shipped_cloud_cfg_files_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/cloud");
-        for (f, k) in [("ec2.cfg", DriverKind::Ec2), ("openstack.cfg", DriverKind::OpenStack)] {
-            let c = load_cloud(&dir.join(f), "iaas", None)
-                .unwrap_or_else(|e| panic!("{f}: {e:#}"));
+        for (f, k) in [
+            ("ec2.cfg", DriverKind::Ec2),
+            ("openstack.cfg", DriverKind::OpenStack),
+        ] {
+            let c = load_cloud(&dir.join(f), "iaas", None).unwrap_or_else(|e| panic!("{f}: {e:#}"));
             assert_eq!(c.kind(), k);
         }
     }
@@ -620,7 +664,10 @@ SECURITY_GROUP_NAME = contrail\nKEY_NAME = conpaas\nREGION = ec2.eu-west-1.amazo
     #[test]
     fn region_forms() {
         assert_eq!(ec2_region("ec2.us-west-2.amazonaws.com"), "us-west-2");
-        assert_eq!(ec2_region("https://ec2.ap-southeast-2.amazonaws.com/"), "ap-southeast-2");
+        assert_eq!(
+            ec2_region("https://ec2.ap-southeast-2.amazonaws.com/"),
+            "ap-southeast-2"
+        );
         assert_eq!(ec2_region("eu-central-1"), "eu-central-1");
         assert!(valid_cloud_name("ec2-east_1"));
         assert!(!valid_cloud_name("default") && !valid_cloud_name("a b") && !valid_cloud_name(""));

@@ -43,7 +43,9 @@ impl Ini {
                 };
                 let name = name.trim().to_string();
                 ini.sections.entry(name.clone()).or_default();
-                ini.lines.entry((name.clone(), String::new())).or_insert(n + 1);
+                ini.lines
+                    .entry((name.clone(), String::new()))
+                    .or_insert(n + 1);
                 current = Some(name);
                 last_key = None;
                 continue;
@@ -157,7 +159,9 @@ impl Ini {
 
     /// 1-based line of a section header (None for sections made by [`Ini::set`]).
     pub fn section_line(&self, section: &str) -> Option<usize> {
-        self.lines.get(&(section.to_string(), String::new())).copied()
+        self.lines
+            .get(&(section.to_string(), String::new()))
+            .copied()
     }
 
     /// 1-based line where `key` was set in `section`.

@@ -38,7 +38,10 @@ pub struct Ec2Cloud {
 
 /// An SDK error with its whole cause chain.
 fn sdk_err<E: std::error::Error>(call: &str, e: E) -> anyhow::Error {
-    anyhow::anyhow!("EC2 {call}: {}", aws_sdk_ec2::error::DisplayErrorContext(&e))
+    anyhow::anyhow!(
+        "EC2 {call}: {}",
+        aws_sdk_ec2::error::DisplayErrorContext(&e)
+    )
 }
 
 fn tag_value<'a>(i: &'a Instance, key: &str) -> Option<&'a str> {

@@ -13,9 +13,9 @@ pub mod controller;
 pub mod ec2;
 pub mod enrol;
 pub mod manager;
-pub mod pki;
 #[cfg(feature = "clouds")]
 pub mod openstack;
+pub mod pki;
 pub mod qemu;
 pub mod rpc;
 

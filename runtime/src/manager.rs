@@ -784,7 +784,11 @@ async fn remote_cloud(name: &str, settings: CloudSettings, owner: Owner) -> Resu
 }
 
 #[cfg(not(feature = "clouds"))]
-async fn remote_cloud(name: &str, settings: CloudSettings, _owner: Owner) -> Result<Arc<dyn Cloud>> {
+async fn remote_cloud(
+    name: &str,
+    settings: CloudSettings,
+    _owner: Owner,
+) -> Result<Arc<dyn Cloud>> {
     bail!(
         "cloud {name}: this cps was built without the `clouds` feature, so the {} driver is not available",
         settings.kind().as_str()
@@ -887,4 +891,103 @@ pub async fn start(cfg: &ManagerConfig) -> Result<Running> {
         enroll_addr,
         local_clouds,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(text: &str) -> Result<Vec<CloudEntry>> {
+        cloud_entries(&Ini::parse(text).unwrap())
+    }
+
+    #[test]
+    fn default_cloud_and_other_clouds() {
+        // Nothing said: the local cloud named iaas.
+        assert_eq!(
+            entries("[manager]\n").unwrap(),
+            vec![CloudEntry {
+                name: "iaas".into(),
+                source: CloudSource::Local
+            }]
+        );
+        let e = entries(
+            "[manager]\nCLOUD = ec2\nCLOUD_CONFIG = cloud/ec2.cfg\n\
+             OTHER_CLOUDS = mystack, lab ,vms\n\
+             [mystack]\nCLOUD_CONFIG = /etc/cps/openstack.cfg\n\
+             [lab]\nCLOUD = local\n[vms]\nCLOUD = qemu\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = e.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["iaas", "mystack", "lab", "vms"]);
+        assert_eq!(
+            e[0].source,
+            CloudSource::File {
+                path: "cloud/ec2.cfg".into(),
+                driver: Some(DriverKind::Ec2)
+            }
+        );
+        assert_eq!(
+            e[1].source,
+            CloudSource::File {
+                path: "/etc/cps/openstack.cfg".into(),
+                driver: None
+            }
+        );
+        assert_eq!(
+            (&e[2].source, &e[3].source),
+            (&CloudSource::Local, &CloudSource::Qemu)
+        );
+        // CLOUD_CONFIG alone: the file's DRIVER decides.
+        let e = entries("[manager]\nCLOUD_NAME = aws\nCLOUD_CONFIG = ec2.cfg\n").unwrap();
+        assert_eq!(e[0].name, "aws");
+        assert!(matches!(
+            e[0].source,
+            CloudSource::File { driver: None, .. }
+        ));
+    }
+
+    #[test]
+    fn cloud_config_errors() {
+        let err = |t: &str| entries(t).unwrap_err().to_string();
+        let e = err("[manager]\nUSER_ID = 1\nCLOUD = openstack\n");
+        assert!(
+            e.contains("line 3") && e.contains("needs CLOUD_CONFIG"),
+            "{e}"
+        );
+        let e = err("[manager]\nCLOUD = azure\n");
+        assert!(e.contains("line 2") && e.contains("'azure'"), "{e}");
+        let e = err("[manager]\nOTHER_CLOUDS = aws\n");
+        assert!(e.contains("no [aws] section"), "{e}");
+        let e = err("[manager]\nOTHER_CLOUDS = aws\n[aws]\nKEY = 1\n");
+        assert!(
+            e.contains("line 3") && e.contains("[aws] names no cloud"),
+            "{e}"
+        );
+        let e = err("[manager]\nOTHER_CLOUDS = iaas\n[iaas]\nCLOUD = local\n");
+        assert!(e.contains("named twice"), "{e}");
+        let e = err("[manager]\nOTHER_CLOUDS = default\n");
+        assert!(e.contains("'default' is no valid cloud name"), "{e}");
+        let e = err("[manager]\nOTHER_CLOUDS = l\n[l]\nCLOUD = local\nCLOUD_CONFIG = x.cfg\n");
+        assert!(
+            e.contains("line 5") && e.contains("not CLOUD = local"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn manager_id_defaults_to_the_node_name_prefix() {
+        let ini = Ini::parse(
+            "[manager]\nUSER_ID = 3\nAPP_ID = 7\nDEPLOYMENT_NAME = dep\nLOG_FILE = /l\n\
+             CERT_DIR = /c\nVAR_RUN = /r\nVAR_CACHE = /v\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ManagerConfig::from_ini(&ini).unwrap().manager_id,
+            "dep-u3-a7-s1"
+        );
+        let mut ini = ini;
+        ini.set("manager", "MANAGER_ID", "mgr-42");
+        assert_eq!(ManagerConfig::from_ini(&ini).unwrap().manager_id, "mgr-42");
+    }
 }

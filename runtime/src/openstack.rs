@@ -263,7 +263,12 @@ impl OpenStackCloud {
         }
     }
 
-    async fn nova_ok(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value> {
+    async fn nova_ok(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value> {
         let (st, v) = self.nova(method.clone(), path, body).await?;
         if !st.is_success() {
             bail!("Nova {method} {path}: {st}: {v}");
@@ -370,7 +375,9 @@ impl OpenStackCloud {
                 }
                 Some("ERROR") => bail!(
                     "server {id} went into ERROR: {}",
-                    server["fault"]["message"].as_str().unwrap_or("no fault message")
+                    server["fault"]["message"]
+                        .as_str()
+                        .unwrap_or("no fault message")
                 ),
                 Some("DELETED") | Some("SOFT_DELETED") | Some("SHUTOFF") => {
                     bail!("server {id} is {} before it ran", server["status"])
@@ -466,7 +473,11 @@ impl Cloud for OpenStackCloud {
     async fn delete_node(&self, node: &ServiceNode) -> Result<()> {
         self.delete_server(&node.vmid).await?;
         self.nodes.lock().expect("nodes lock").remove(&node.vmid);
-        tracing::info!("openstack cloud {}: deleted server {}", self.name, node.vmid);
+        tracing::info!(
+            "openstack cloud {}: deleted server {}",
+            self.name,
+            node.vmid
+        );
         Ok(())
     }
 
@@ -521,11 +532,25 @@ mod tests {
                 {"interface": "internal", "region_id": "R1", "url": "http://int/v2.1"},
                 {"interface": "public", "region_id": "R1", "url": "http://pub1/v2.1/"},
                 {"interface": "public", "region_id": "R2", "url": "http://pub2/v2.1"}]}]}});
-        assert_eq!(compute_endpoint(&tok, "public", None).unwrap(), "http://pub1/v2.1");
-        assert_eq!(compute_endpoint(&tok, "public", Some("R2")).unwrap(), "http://pub2/v2.1");
-        assert_eq!(compute_endpoint(&tok, "internal", None).unwrap(), "http://int/v2.1");
-        let e = compute_endpoint(&tok, "admin", None).unwrap_err().to_string();
-        assert!(e.contains("interface admin") && e.contains("http://pub2/v2.1"), "{e}");
+        assert_eq!(
+            compute_endpoint(&tok, "public", None).unwrap(),
+            "http://pub1/v2.1"
+        );
+        assert_eq!(
+            compute_endpoint(&tok, "public", Some("R2")).unwrap(),
+            "http://pub2/v2.1"
+        );
+        assert_eq!(
+            compute_endpoint(&tok, "internal", None).unwrap(),
+            "http://int/v2.1"
+        );
+        let e = compute_endpoint(&tok, "admin", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("interface admin") && e.contains("http://pub2/v2.1"),
+            "{e}"
+        );
         assert!(compute_endpoint(&json!({"token": {}}), "public", None).is_err());
     }
 

@@ -10,7 +10,9 @@ mod emulators;
 
 use std::time::{Duration, Instant};
 
-use aws_sdk_ec2::types::{Filter, Instance, InstanceStateName, ResourceType, Tag, TagSpecification};
+use aws_sdk_ec2::types::{
+    Filter, Instance, InstanceStateName, ResourceType, Tag, TagSpecification,
+};
 use base64::Engine;
 use emulators::Moto;
 use runtime::cloud::{Cloud, NodeRequest, Owner};
@@ -165,7 +167,10 @@ async fn ec2_driver_in_moto() {
         .expect("create_node");
     assert!(node.vmid.starts_with("i-"), "{node:?}");
     assert_eq!(node.id, format!("aws{}", node.vmid));
-    assert!(!node.ip.is_empty() && !node.private_ip.is_empty(), "{node:?}");
+    assert!(
+        !node.ip.is_empty() && !node.private_ip.is_empty(),
+        "{node:?}"
+    );
     assert_eq!((node.port, node.cloud.as_str()), (5555, "aws"));
 
     // What EC2 got: the rendered script (token, no private key), type, AMI, key, tags.
@@ -284,27 +289,47 @@ async fn manager_local_plus_ec2_clouds() {
     c.post(0, "startup", &json!({})).await.unwrap();
     common::wait_for_async("RUNNING", Duration::from_secs(30), || state_is("RUNNING")).await;
     let nodes = c.get(0, "list_nodes", &json!({})).await.unwrap();
-    assert_eq!(nodes, json!({"helloworld": ["iaas1"]}), "default cloud: local");
+    assert_eq!(
+        nodes,
+        json!({"helloworld": ["iaas1"]}),
+        "default cloud: local"
+    );
 
     let e = c
-        .post(0, "add_nodes", &json!({"nodes": {"node": 1}, "cloud": "nosuch"}))
+        .post(
+            0,
+            "add_nodes",
+            &json!({"nodes": {"node": 1}, "cloud": "nosuch"}),
+        )
         .await
         .unwrap_err()
         .to_string();
-    assert!(e.contains("Unknown cloud 'nosuch' (clouds: iaas, aws)"), "{e}");
+    assert!(
+        e.contains("Unknown cloud 'nosuch' (clouds: iaas, aws)"),
+        "{e}"
+    );
     assert!(state_is("RUNNING").await);
 
     // cloud=aws: the node is created in EC2 (moto), never answers, and is terminated again.
-    c.post(0, "add_nodes", &json!({"nodes": {"node": 1}, "cloud": "aws"}))
-        .await
-        .unwrap();
+    c.post(
+        0,
+        "add_nodes",
+        &json!({"nodes": {"node": 1}, "cloud": "aws"}),
+    )
+    .await
+    .unwrap();
     common::wait_for_async("add_nodes to finish", Duration::from_secs(60), || async {
         !state_is("ADAPTING").await
     })
     .await;
     assert!(state_is("ERROR").await);
     let hist = c.get(0, "get_service_history", &json!({})).await.unwrap();
-    let last = hist["state_log"].as_array().unwrap().last().unwrap().clone();
+    let last = hist["state_log"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
     assert!(
         last["reason"]
             .as_str()

@@ -85,15 +85,25 @@ async fn openstack_driver_keystone_and_nova_fixtures() {
     let dir = tempfile::tempdir().unwrap();
 
     // A wrong password: Keystone's refusal, and Nova never called.
-    let bad = OpenStackCloud::new("stack", settings(&write_cfg(dir.path(), &ks, "nope")), owner())
-        .unwrap();
+    let bad = OpenStackCloud::new(
+        "stack",
+        settings(&write_cfg(dir.path(), &ks, "nope")),
+        owner(),
+    )
+    .unwrap();
     let e = bad.list_nodes().await.unwrap_err().to_string();
-    assert!(e.contains("Keystone refused user cps") && e.contains("401"), "{e}");
+    assert!(
+        e.contains("Keystone refused user cps") && e.contains("401"),
+        "{e}"
+    );
     assert!(nova.seen().is_empty());
 
-    let cloud =
-        OpenStackCloud::new("stack", settings(&write_cfg(dir.path(), &ks, "cps-pw")), owner())
-            .unwrap();
+    let cloud = OpenStackCloud::new(
+        "stack",
+        settings(&write_cfg(dir.path(), &ks, "cps-pw")),
+        owner(),
+    )
+    .unwrap();
     let tree = ConfigTree::locate().unwrap();
     let token = "enrol-token-5f1c9a";
     let req = NodeRequest {
@@ -126,13 +136,21 @@ async fn openstack_driver_keystone_and_nova_fixtures() {
     );
     // The token the driver sent is a real Keystone token of user cps.
     let tok = seen[1].token.clone().expect("X-Auth-Token");
-    assert!(ks.token_valid(&tok).await, "Keystone accepts the driver's token");
-    assert!(seen.iter().all(|s| s.token.as_deref() == Some(tok.as_str())));
+    assert!(
+        ks.token_valid(&tok).await,
+        "Keystone accepts the driver's token"
+    );
+    assert!(seen
+        .iter()
+        .all(|s| s.token.as_deref() == Some(tok.as_str())));
 
     // The create request body.
     let server = &seen[1].body["server"];
     assert_eq!(server["name"], "fixture-u1-a1-s1-helloworld-0a1b2c3d");
-    assert_eq!(server["flavorRef"], "2", "SIZE_ID m1.small resolved to its id");
+    assert_eq!(
+        server["flavorRef"], "2",
+        "SIZE_ID m1.small resolved to its id"
+    );
     assert_eq!(server["imageRef"], "70a599e0-31e7-49b7-b260-868f441e862b");
     assert_eq!(
         server["networks"],
@@ -151,7 +169,10 @@ async fn openstack_driver_keystone_and_nova_fixtures() {
         .decode(server["user_data"].as_str().expect("user_data"))
         .expect("user_data is base64");
     let script = String::from_utf8(ud).unwrap();
-    assert_eq!(script, tree.render_script(&vars(token), "openstack").unwrap());
+    assert_eq!(
+        script,
+        tree.render_script(&vars(token), "openstack").unwrap()
+    );
     assert!(script.starts_with("#!/bin/bash"));
     assert!(script.contains(&format!("--token '{token}'")), "{script}");
     assert!(!script.contains("PRIVATE KEY"));
@@ -165,7 +186,10 @@ async fn openstack_driver_keystone_and_nova_fixtures() {
     assert_eq!(q, "name=%5Efixture-u1-a1-s1-", "name prefix filter");
 
     // Orphans: the known node stays, the other manager's server is not touched.
-    let reaped = cloud.reap_orphans(std::slice::from_ref(&node)).await.unwrap();
+    let reaped = cloud
+        .reap_orphans(std::slice::from_ref(&node))
+        .await
+        .unwrap();
     assert_eq!(reaped, vec![ORPHAN.to_string()]);
     cloud.delete_node(&node).await.unwrap();
     let deletes: Vec<String> = nova

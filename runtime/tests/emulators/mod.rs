@@ -405,8 +405,10 @@ impl Keystone {
         self.api(
             Method::POST,
             "/endpoints",
-            Some(json!({"endpoint": {"service_id": sid, "interface": "public",
-                "url": url, "region_id": REGION}})),
+            Some(
+                json!({"endpoint": {"service_id": sid, "interface": "public",
+                "url": url, "region_id": REGION}}),
+            ),
         )
         .await;
     }
