@@ -51,6 +51,21 @@ fn tag_value<'a>(i: &'a Instance, key: &str) -> Option<&'a str> {
         .and_then(|t| t.value())
 }
 
+/// The idempotency token of a node's RunInstances: its name, or the name's last 64
+/// characters (the limit; the random part of a node name is at its end).
+fn client_token(node_name: &str) -> &str {
+    let n = node_name.len();
+    if n <= 64 {
+        node_name
+    } else {
+        let mut start = n - 64;
+        while !node_name.is_char_boundary(start) {
+            start += 1;
+        }
+        &node_name[start..]
+    }
+}
+
 impl Ec2Cloud {
     /// Builds the SDK client (no request is made).
     pub async fn new(name: &str, settings: Ec2Settings, owner: Owner) -> Result<Self> {
@@ -232,7 +247,7 @@ impl Cloud for Ec2Cloud {
             .user_data(user_data)
             .tag_specifications(spec.build())
             // Node names are unique: a retried request cannot start a second instance.
-            .client_token(&req.vars.node_id)
+            .client_token(client_token(&req.vars.node_id))
             .set_key_name(s.key_name.clone())
             .set_subnet_id(s.subnet_id.clone());
         if !s.security_groups.is_empty() {
@@ -318,5 +333,17 @@ impl Cloud for Ec2Cloud {
             self.terminate(orphans.clone()).await?;
         }
         Ok(orphans)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn client_token_fits_64_chars() {
+        assert_eq!(super::client_token("dep-u1-a1-s1-hw-00ff"), "dep-u1-a1-s1-hw-00ff");
+        let long = format!("{}-u1-a1-s1-helloworld-0a1b2c3d", "d".repeat(80));
+        let t = super::client_token(&long);
+        assert_eq!(t.len(), 64);
+        assert!(t.ends_with("-helloworld-0a1b2c3d"));
     }
 }
