@@ -340,7 +340,10 @@ impl Cloud for Ec2Cloud {
 mod tests {
     #[test]
     fn client_token_fits_64_chars() {
-        assert_eq!(super::client_token("dep-u1-a1-s1-hw-00ff"), "dep-u1-a1-s1-hw-00ff");
+        assert_eq!(
+            super::client_token("dep-u1-a1-s1-hw-00ff"),
+            "dep-u1-a1-s1-hw-00ff"
+        );
         let long = format!("{}-u1-a1-s1-helloworld-0a1b2c3d", "d".repeat(80));
         let t = super::client_token(&long);
         assert_eq!(t.len(), 64);

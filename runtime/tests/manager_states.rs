@@ -523,7 +523,10 @@ async fn node_role_checks() {
         json!({"nodes": {"node": 1}, "cloud": "iaas"}),
     )
     .await;
-    assert_eq!(v["result"]["state"], "ADAPTING", "the default cloud by name");
+    assert_eq!(
+        v["result"]["state"], "ADAPTING",
+        "the default cloud by name"
+    );
     wait_state(&fx.manager, State::RUNNING).await;
     assert_eq!(fx.manager.nodes().len(), 2);
     let v = call(&fx.d, Verb::GET, "get_log", json!({})).await;
@@ -684,7 +687,13 @@ async fn nodes_go_to_the_named_cloud_and_are_deleted_there() {
     .await;
     assert_eq!(v["result"]["serviceNode"]["cloud"], "other");
     // remove_nodes takes the newest (iaas2); stop deletes the rest, each in its own cloud.
-    call(&fx.d, Verb::POST, "remove_nodes", json!({"nodes": {"node": 1}})).await;
+    call(
+        &fx.d,
+        Verb::POST,
+        "remove_nodes",
+        json!({"nodes": {"node": 1}}),
+    )
+    .await;
     wait_state(&fx.manager, State::RUNNING).await;
     assert_eq!(*fx.cloud.deleted.lock().unwrap(), ["iaas2"]);
     call(&fx.d, Verb::POST, "stop", json!({})).await;
