@@ -149,14 +149,6 @@ impl Ini {
         v.into_iter().map(|(_, s)| s).collect()
     }
 
-    /// The keys of a section (upper case).
-    pub fn keys(&self, section: &str) -> Vec<String> {
-        self.sections
-            .get(section)
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
-    }
-
     /// 1-based line of a section header (None for sections made by [`Ini::set`]).
     pub fn section_line(&self, section: &str) -> Option<usize> {
         self.lines
