@@ -52,9 +52,16 @@ fn nutshell_with_embedded_container_runs_two_agents_inside() {
     ];
 
     // The plan nests the embedded image's stages under the Nutshell's.
-    let plan = run(mkimage().arg("plan").arg("--recipe").arg(&recipe).args(args));
+    let plan = run(mkimage()
+        .arg("plan")
+        .arg("--recipe")
+        .arg(&recipe)
+        .args(args));
     let plan = String::from_utf8_lossy(&plan.stdout).into_owned();
-    assert!(plan.contains("embedded container image conpaas.img"), "{plan}");
+    assert!(
+        plan.contains("embedded container image conpaas.img"),
+        "{plan}"
+    );
     assert!(plan.contains("the Nutshell nutshell.img"), "{plan}");
     assert!(plan.contains("nutshell     ["), "{plan}");
 
@@ -75,7 +82,10 @@ fn nutshell_with_embedded_container_runs_two_agents_inside() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert!(stages.contains(&"embedded/service-helloworld"), "{stages:?}");
+    assert!(
+        stages.contains(&"embedded/service-helloworld"),
+        "{stages:?}"
+    );
     assert!(stages.contains(&"nutshell"), "{stages:?}");
     assert!(m["packages"]
         .as_array()
@@ -281,8 +291,17 @@ fn nutshell_vm(wait_for_agent: bool) {
         let url = format!("https://127.0.0.1:{enrol_port}/enroll");
         wait_until("the owner's enrolment", Duration::from_secs(120), || {
             cps(&[
-                "enroll", "--url", &url, "--token", &token, "--node-id", "user", "--cert-dir",
-                &user_s, "--ca", &ca_path.display().to_string(),
+                "enroll",
+                "--url",
+                &url,
+                "--token",
+                &token,
+                "--node-id",
+                "user",
+                "--cert-dir",
+                &user_s,
+                "--ca",
+                &ca_path.display().to_string(),
             ])
             .status
             .success()
@@ -292,27 +311,36 @@ fn nutshell_vm(wait_for_agent: bool) {
             state().contains("RUNNING")
         });
         assert!(client(&["add-nodes", "1"]).status.success());
-        wait_until("the nested agent VM on the console", Duration::from_secs(300), || {
-            let s = state();
-            if s.contains("ERROR") {
-                let log = String::from_utf8_lossy(&client(&["log"]).stdout).into_owned();
-                panic!("the Nutshell's manager failed:\n{s}\n{log}");
-            }
-            let text = String::from_utf8_lossy(&std::fs::read(&serial).unwrap()).into_owned();
-            nested = text
-                .lines()
-                .filter(|l| l.starts_with("nested-"))
-                .map(|l| l.trim_end().to_owned())
-                .collect::<Vec<_>>()
-                .join("\n");
-            nested.contains("nested-qemu:") && nested.contains("backing /var/lib/cps/nutshell/agent.img")
-        });
+        wait_until(
+            "the nested agent VM on the console",
+            Duration::from_secs(300),
+            || {
+                let s = state();
+                if s.contains("ERROR") {
+                    let log = String::from_utf8_lossy(&client(&["log"]).stdout).into_owned();
+                    panic!("the Nutshell's manager failed:\n{s}\n{log}");
+                }
+                let text = String::from_utf8_lossy(&std::fs::read(&serial).unwrap()).into_owned();
+                nested = text
+                    .lines()
+                    .filter(|l| l.starts_with("nested-"))
+                    .map(|l| l.trim_end().to_owned())
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                nested.contains("nested-qemu:")
+                    && nested.contains("backing /var/lib/cps/nutshell/agent.img")
+            },
+        );
         if wait_for_agent {
             let t = Instant::now();
-            wait_until("the nested agent answering", Duration::from_secs(3600), || {
-                let s = state();
-                s.contains("RUNNING") && !s.contains("ADAPTING")
-            });
+            wait_until(
+                "the nested agent answering",
+                Duration::from_secs(3600),
+                || {
+                    let s = state();
+                    s.contains("RUNNING") && !s.contains("ADAPTING")
+                },
+            );
             answers = String::from_utf8_lossy(&client(&["hello"]).stdout).into_owned();
             eprintln!(
                 "nested agent VM answered {:.0} s after add_nodes",
@@ -330,7 +358,11 @@ fn nutshell_vm(wait_for_agent: bool) {
     assert!(qemu_line.contains("disk.qcow2,format=qcow2"), "{qemu_line}");
     assert!(qemu_line.contains("config.iso,format=raw"), "{qemu_line}");
     if wait_for_agent {
-        assert_eq!(answers.matches("Received helloworld from").count(), 1, "{answers}");
+        assert_eq!(
+            answers.matches("Received helloworld from").count(),
+            1,
+            "{answers}"
+        );
     }
     assert_clean(sb.path());
 }

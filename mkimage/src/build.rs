@@ -167,9 +167,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
 
     std::fs::create_dir_all(&opts.output_dir)
         .map_err(|e| BuildError::io(format!("cannot create {}", opts.output_dir.display()), e))?;
-    let log_path = opts
-        .output_dir
-        .join(format!("{out_name}.build.log"));
+    let log_path = opts.output_dir.join(format!("{out_name}.build.log"));
     crate::logging::open_build_log(&log_path)
         .map_err(|e| BuildError::io(format!("cannot write {}", log_path.display()), e))?;
     tracing::info!(
@@ -403,7 +401,7 @@ fn run_stages<'r>(
             .filter(|(_, p)| p.scope == scope)
             .filter(|(_, p)| p.cached)
             .map(|(i, _)| i)
-            .last()
+            .next_back()
             .unwrap_or(0)
     };
     let start_image = start_of(Scope::Image);

@@ -299,10 +299,7 @@ impl Cache {
                 continue;
             };
             // .tmp-<stage>-<pid>-<rand>; the stage name may contain '-'.
-            let pid = rest
-                .rsplit('-')
-                .nth(1)
-                .and_then(|p| p.parse::<i32>().ok());
+            let pid = rest.rsplit('-').nth(1).and_then(|p| p.parse::<i32>().ok());
             if pid.is_some_and(|p| crate::journal::process_start_time(p).is_none()) {
                 let _ = fsutil::remove_tree(&e.path());
             }

@@ -314,7 +314,11 @@ pub fn render(recipe: &Recipe, planned: &[Planned], cache: &Cache) -> String {
                 ));
             }
         }
-        let indent = if p.scope == Scope::Embedded { "    " } else { "" };
+        let indent = if p.scope == Scope::Embedded {
+            "    "
+        } else {
+            ""
+        };
         let state = if !ops.cacheable() {
             "run"
         } else if p.cached {

@@ -1,6 +1,7 @@
 //! Cloud drivers. `local` runs agents as local processes (the `cps` binary itself) on
 //! 127.0.0.1, and `nspawn` (the same driver) runs them in `systemd-nspawn` containers
-//! on a root tree, as a Nutshell does; `qemu` is in `qemu.rs`.
+//! on a root tree, as a Nutshell does; `qemu` (`crate::qemu`), `ec2` (`crate::ec2`) and
+//! `openstack` (`crate::openstack`) implement the same trait.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -53,6 +54,67 @@ pub trait Cloud: Send + Sync {
     async fn create_node(&self, req: NodeRequest) -> Result<ServiceNode>;
     async fn delete_node(&self, node: &ServiceNode) -> Result<()>;
     async fn list_nodes(&self) -> Result<Vec<ServiceNode>>;
+    /// Deletes the nodes this manager owns in the cloud (by its tag) that are not in `known`:
+    /// left behind by an earlier run of the manager. Returns their vmids. Drivers whose nodes
+    /// cannot outlive the manager have none.
+    async fn reap_orphans(&self, known: &[ServiceNode]) -> Result<Vec<String>> {
+        let _ = known;
+        Ok(Vec::new())
+    }
+}
+
+/// What a remote driver needs to know about the manager that owns its nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// Tag value marking the manager's nodes (`MANAGER_ID`); stable across restarts.
+    pub manager_id: String,
+    /// Common prefix of the manager's node names (`<deployment>-u<uid>-a<aid>-s<sid>-`).
+    pub name_prefix: String,
+}
+
+/// Tag (EC2) and metadata (OpenStack) keys put on every node.
+pub mod tags {
+    pub const MANAGER: &str = "cps-manager";
+    pub const CLOUD: &str = "cps-cloud";
+    pub const NODE: &str = "cps-node";
+    pub const ROLE: &str = "cps-role";
+    pub const USER: &str = "cps-user";
+    pub const APP: &str = "cps-app";
+    pub const SERVICE: &str = "cps-service";
+}
+
+/// The tags of a node: manager, cloud, node name, role, user, application, service.
+pub fn node_tags(owner: &Owner, cloud: &str, req: &NodeRequest) -> Vec<(&'static str, String)> {
+    vec![
+        (tags::MANAGER, owner.manager_id.clone()),
+        (tags::CLOUD, cloud.to_string()),
+        (tags::NODE, req.vars.node_id.clone()),
+        (tags::ROLE, req.role.clone()),
+        (tags::USER, req.vars.user_id.to_string()),
+        (tags::APP, req.vars.app_id.to_string()),
+        (tags::SERVICE, req.vars.service_id.to_string()),
+    ]
+}
+
+/// User-data as the clouds take it: base64, gzip-compressed first when the script is larger
+/// than `limit` bytes (the image's `cps context apply` unpacks gzip).
+pub fn encode_user_data(script: &str, limit: usize) -> Result<String> {
+    use base64::Engine;
+    use std::io::Write;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    if script.len() <= limit {
+        return Ok(b64.encode(script));
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(script.as_bytes())?;
+    let data = gz.finish()?;
+    if data.len() > limit {
+        bail!(
+            "user-data is {} bytes gzip-compressed; the cloud takes at most {limit}",
+            data.len()
+        );
+    }
+    Ok(b64.encode(data))
 }
 
 /// Agents as local processes.
@@ -171,12 +233,12 @@ impl Cloud for LocalCloud {
                     "--volatile=overlay",
                     "--as-pid2",
                 ])
-                    .arg(format!("--machine={}{}", self.name, vmid))
-                    .arg("--directory")
-                    .arg(root)
-                    .arg(format!("--bind={}", dir.display()))
-                    .arg("--")
-                    .arg(&self.bin);
+                .arg(format!("--machine={}{}", self.name, vmid))
+                .arg("--directory")
+                .arg(root)
+                .arg(format!("--bind={}", dir.display()))
+                .arg("--")
+                .arg(&self.bin);
                 c
             }
         };

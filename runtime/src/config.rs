@@ -10,6 +10,8 @@ use anyhow::{bail, Context, Result};
 #[derive(Clone, Debug, Default)]
 pub struct Ini {
     sections: BTreeMap<String, BTreeMap<String, String>>,
+    /// 1-based line of every section header and key (`(section, "")` for the header).
+    lines: BTreeMap<(String, String), usize>,
 }
 
 impl Ini {
@@ -41,6 +43,9 @@ impl Ini {
                 };
                 let name = name.trim().to_string();
                 ini.sections.entry(name.clone()).or_default();
+                ini.lines
+                    .entry((name.clone(), String::new()))
+                    .or_insert(n + 1);
                 current = Some(name);
                 last_key = None;
                 continue;
@@ -61,6 +66,7 @@ impl Ini {
                 .get_mut(section)
                 .expect("section exists")
                 .insert(key.clone(), value);
+            ini.lines.insert((section.clone(), key.clone()), n + 1);
             last_key = Some(key);
         }
         Ok(ini)
@@ -138,6 +144,31 @@ impl Ini {
 
     pub fn has_section(&self, section: &str) -> bool {
         self.sections.contains_key(section)
+    }
+
+    /// Section names, in file order.
+    pub fn sections(&self) -> Vec<String> {
+        let mut v: Vec<(usize, String)> = self
+            .sections
+            .keys()
+            .map(|s| (self.section_line(s).unwrap_or(0), s.clone()))
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// 1-based line of a section header (None for sections made by [`Ini::set`]).
+    pub fn section_line(&self, section: &str) -> Option<usize> {
+        self.lines
+            .get(&(section.to_string(), String::new()))
+            .copied()
+    }
+
+    /// 1-based line where `key` was set in `section`.
+    pub fn key_line(&self, section: &str, key: &str) -> Option<usize> {
+        self.lines
+            .get(&(section.to_string(), key.to_ascii_uppercase()))
+            .copied()
     }
 }
 

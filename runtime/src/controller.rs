@@ -1,6 +1,9 @@
 //! Node provisioning: create nodes through a [`Cloud`], poll their agent's `check_process`
 //! until they answer (every `poll`, giving up after `boot_timeout`), delete the ones that never
 //! answered and retry on fresh nodes (at most `max_retries` extra rounds).
+//!
+//! A manager may use several clouds: `cloud` is the default one, `other_clouds` the rest;
+//! nodes are created in the cloud a request names and deleted in the cloud they belong to.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +17,10 @@ use crate::enrol::Enroller;
 use crate::pki::{Identity, Role};
 
 pub struct Controller {
+    /// The default cloud (`CLOUD`, named `CLOUD_NAME`).
     pub cloud: Arc<dyn Cloud>,
+    /// More clouds (`OTHER_CLOUDS`), picked by name.
+    pub other_clouds: Vec<Arc<dyn Cloud>>,
     pub config: ConfigTree,
     pub enroller: Arc<Enroller>,
     pub agent_tls: Arc<rustls::ClientConfig>,
@@ -58,6 +64,54 @@ impl Controller {
         v
     }
 
+    /// The cloud called `name`; `default` (or empty, or `None` as the original) is the
+    /// default cloud.
+    pub fn cloud_named(&self, name: &str) -> Option<Arc<dyn Cloud>> {
+        if matches!(name, "" | "default" | "None") {
+            return Some(self.cloud.clone());
+        }
+        self.clouds().into_iter().find(|c| c.cloud_name() == name)
+    }
+
+    /// Every cloud, the default first.
+    pub fn clouds(&self) -> Vec<Arc<dyn Cloud>> {
+        let mut v = vec![self.cloud.clone()];
+        v.extend(self.other_clouds.iter().cloned());
+        v
+    }
+
+    pub fn cloud_names(&self) -> Vec<String> {
+        self.clouds()
+            .iter()
+            .map(|c| c.cloud_name().to_string())
+            .collect()
+    }
+
+    /// Deletes, in every cloud, the nodes of this manager that are not in `known` (left over
+    /// from an earlier run). Returns `(cloud name, vmid)` of each; a cloud that cannot be
+    /// asked is logged and skipped.
+    pub async fn reap_orphans(&self, known: &[ServiceNode]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for c in self.clouds() {
+            match c.reap_orphans(known).await {
+                Ok(ids) => out.extend(ids.into_iter().map(|i| (c.cloud_name().to_string(), i))),
+                Err(e) => tracing::warn!(
+                    "looking for orphan nodes in cloud {}: {e:#}",
+                    c.cloud_name()
+                ),
+            }
+        }
+        out
+    }
+
+    /// The cloud a node belongs to (the default cloud when its name is unknown).
+    fn cloud_of(&self, node: &ServiceNode) -> Arc<dyn Cloud> {
+        self.clouds()
+            .into_iter()
+            .find(|c| c.cloud_name() == node.cloud)
+            .unwrap_or_else(|| self.cloud.clone())
+    }
+
     /// Is the node's agent answering `check_process`?
     pub async fn check(&self, node: &ServiceNode) -> bool {
         let mut c = self.agent_client(node);
@@ -86,14 +140,17 @@ impl Controller {
         }
     }
 
-    /// Creates `count` ready nodes of `role` (fewer if the retries run out).
-    pub async fn create_nodes(&self, count: usize, role: &str) -> Created {
+    /// Creates `count` ready nodes of `role` in `cloud` (fewer if the retries run out).
+    pub async fn create_nodes(&self, cloud: &dyn Cloud, count: usize, role: &str) -> Created {
         let mut out = Created::default();
         let mut round = 0;
         while out.ready.len() < count && round <= self.max_retries {
             round += 1;
             let need = count - out.ready.len();
-            tracing::info!("creating {need} node(s) of role {role} (round {round})");
+            tracing::info!(
+                "creating {need} node(s) of role {role} in cloud {} (round {round})",
+                cloud.cloud_name()
+            );
             let mut pending = Vec::new();
             for _ in 0..need {
                 let name = format!(
@@ -110,7 +167,7 @@ impl Controller {
                     role: role.to_string(),
                     config: self.config.clone(),
                 };
-                match self.cloud.create_node(req).await {
+                match cloud.create_node(req).await {
                     Ok(n) => pending.push(n),
                     Err(e) => {
                         self.enroller.revoke_node(&name);
@@ -128,7 +185,7 @@ impl Controller {
                 } else {
                     tracing::warn!("node {} never answered; deleting it", node.id);
                     self.enroller.revoke_node(&node.name);
-                    if let Err(e) = self.cloud.delete_node(&node).await {
+                    if let Err(e) = cloud.delete_node(&node).await {
                         tracing::warn!("deleting node {} failed: {e:#}", node.id);
                     }
                     out.failed.push(node);
@@ -141,7 +198,7 @@ impl Controller {
     pub async fn delete_nodes(&self, nodes: &[ServiceNode]) {
         for n in nodes {
             self.enroller.revoke_node(&n.name);
-            if let Err(e) = self.cloud.delete_node(n).await {
+            if let Err(e) = self.cloud_of(n).delete_node(n).await {
                 tracing::warn!("deleting node {} failed: {e:#}", n.id);
             }
         }

@@ -5,11 +5,16 @@ pub mod args;
 pub mod bootctx;
 pub mod client;
 pub mod cloud;
+pub mod cloudcfg;
 pub mod config;
 pub mod context;
 pub mod controller;
+#[cfg(feature = "clouds")]
+pub mod ec2;
 pub mod enrol;
 pub mod manager;
+#[cfg(feature = "clouds")]
+pub mod openstack;
 pub mod pki;
 pub mod qemu;
 pub mod rpc;

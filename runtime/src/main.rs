@@ -204,8 +204,12 @@ enum ClientCmd {
         #[arg(long)]
         cloud: Option<String>,
     },
-    /// Add N nodes.
-    AddNodes { count: u64 },
+    /// Add N nodes (in the cloud named by --cloud; default: the default cloud).
+    AddNodes {
+        count: u64,
+        #[arg(long)]
+        cloud: Option<String>,
+    },
     /// Remove N nodes.
     RemoveNodes { count: u64 },
     /// List nodes.
@@ -285,7 +289,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 tracing::info!("shutting down");
                 running.manager.shutdown().await;
-                if let Some(c) = &running.local_cloud {
+                for c in &running.local_clouds {
                     c.kill_all();
                 }
                 anyhow::Ok(())
@@ -547,10 +551,13 @@ fn client(o: ClientOpts) -> Result<ExitCode> {
                     fmt_state as fn(&Value) -> String,
                 ))
             }
-            ClientCmd::AddNodes { count } => Ok((
-                c.post(sid, "add_nodes", &nodes(*count)).await,
-                fmt_state as _,
-            )),
+            ClientCmd::AddNodes { count, cloud } => {
+                let mut p = nodes(*count);
+                if let Some(cl) = cloud {
+                    p["cloud"] = json!(cl);
+                }
+                Ok((c.post(sid, "add_nodes", &p).await, fmt_state as _))
+            }
             ClientCmd::RemoveNodes { count } => Ok((
                 c.post(sid, "remove_nodes", &nodes(*count)).await,
                 fmt_state as _,

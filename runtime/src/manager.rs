@@ -16,12 +16,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::args::{is_dict, is_string, is_uploaded_file, Args};
-use crate::cloud::ServiceNode;
+use crate::cloud::{Cloud, Owner, ServiceNode};
+use crate::cloudcfg::{valid_cloud_name, CloudEntry, CloudSettings, CloudSource, DriverKind};
 use crate::config::Ini;
 use crate::controller::{join_all, Controller};
 use crate::expose;
@@ -204,12 +205,31 @@ impl Manager {
         Ok(total as usize)
     }
 
+    fn check_cloud(&self, cloud: &str) -> Result<(), RpcError> {
+        match self.controller.cloud_named(cloud) {
+            Some(_) => Ok(()),
+            None => Err(RpcError(format!(
+                "Unknown cloud '{cloud}' (clouds: {})",
+                self.controller.cloud_names().join(", ")
+            ))),
+        }
+    }
+
     /// Creates and starts `count` nodes; returns them and whether all went well.
     async fn grow(&self, count: usize, cloud: &str) -> (Vec<ServiceNode>, Option<String>) {
-        if cloud != "default" && cloud != self.controller.cloud.cloud_name() {
-            return (Vec::new(), Some(format!("Unknown cloud '{cloud}'")));
-        }
-        let created = self.controller.create_nodes(count, ROLE_NODE).await;
+        let Some(cloud) = self.controller.cloud_named(cloud) else {
+            return (
+                Vec::new(),
+                Some(format!(
+                    "Unknown cloud '{cloud}' (clouds: {})",
+                    self.controller.cloud_names().join(", ")
+                )),
+            );
+        };
+        let created = self
+            .controller
+            .create_nodes(cloud.as_ref(), count, ROLE_NODE)
+            .await;
         let mut problem = None;
         if created.ready.len() < count {
             problem = Some(format!(
@@ -264,6 +284,7 @@ impl Manager {
         let mut a = Args::new(p);
         let cloud = a.opt("cloud", is_string, "default".to_string())?;
         a.finish()?;
+        self.check_cloud(&cloud)?;
         self.transition(
             "startup",
             &[State::INIT, State::STOPPED],
@@ -299,6 +320,7 @@ impl Manager {
         let cloud = a.opt("cloud", is_string, "default".to_string())?;
         a.finish()?;
         let count = Self::check_node_roles(&nodes)?;
+        self.check_cloud(&cloud)?;
         self.transition(
             "add_nodes",
             &[State::RUNNING],
@@ -513,8 +535,11 @@ pub struct ManagerConfig {
     pub var_run: PathBuf,
     pub var_cache: PathBuf,
     pub config_dir: Option<PathBuf>,
-    pub cloud: String,
-    pub cloud_name: String,
+    /// Every cloud; the first is the default one (`CLOUD`, `CLOUD_NAME`, `CLOUD_CONFIG`), the
+    /// others come from `OTHER_CLOUDS`.
+    pub clouds: Vec<CloudEntry>,
+    /// Tag marking this manager's nodes in remote clouds (`MANAGER_ID`).
+    pub manager_id: String,
     pub agent_port: u16,
     pub poll: Duration,
     pub boot_timeout: Duration,
@@ -534,6 +559,101 @@ pub struct ManagerConfig {
     pub status_port: Option<u16>,
     /// `[qemu]` section (the `qemu` driver).
     pub qemu: Option<crate::qemu::QemuSettings>,
+}
+
+/// The source of one cloud from a section's `CLOUD` (driver) and `CLOUD_CONFIG` (file).
+fn cloud_source(ini: &Ini, section: &str, default_driver: Option<&str>) -> Result<CloudSource> {
+    let line = |k: &str| {
+        ini.key_line(section, k)
+            .or_else(|| ini.section_line(section))
+            .map(|l| format!("line {l}: "))
+            .unwrap_or_default()
+    };
+    let driver = ini
+        .get(section, "CLOUD")
+        .map(|v| v.trim().to_ascii_lowercase())
+        .filter(|v| !v.is_empty());
+    let file = ini
+        .get(section, "CLOUD_CONFIG")
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty());
+    let driver = driver.or_else(|| {
+        if file.is_some() {
+            None
+        } else {
+            default_driver.map(str::to_string)
+        }
+    });
+    match (driver.as_deref(), file) {
+        (Some("local"), None) => Ok(CloudSource::Local),
+        (Some("qemu"), None) => Ok(CloudSource::Qemu),
+        (Some("nspawn"), None) => Ok(CloudSource::Nspawn),
+        (Some(d @ ("local" | "qemu" | "nspawn")), Some(_)) => bail!(
+            "{}[{section}] CLOUD_CONFIG is for ec2 and openstack clouds, not CLOUD = {d}",
+            line("CLOUD_CONFIG")
+        ),
+        (Some(d), file) => {
+            let Some(kind) = DriverKind::parse(d) else {
+                bail!(
+                    "{}[{section}] CLOUD = '{d}': expected local, nspawn, qemu, ec2 or openstack",
+                    line("CLOUD")
+                );
+            };
+            let Some(path) = file else {
+                bail!(
+                    "{}[{section}] CLOUD = {d} needs CLOUD_CONFIG, a cloud cfg file (see config/cloud/{d}.cfg)",
+                    line("CLOUD")
+                );
+            };
+            Ok(CloudSource::File {
+                path: path.into(),
+                driver: Some(kind),
+            })
+        }
+        (None, Some(path)) => Ok(CloudSource::File {
+            path: path.into(),
+            driver: None,
+        }),
+        (None, None) => bail!(
+            "{}[{section}] names no cloud: set CLOUD (local, qemu) or CLOUD_CONFIG (a cloud cfg file)",
+            line("CLOUD")
+        ),
+    }
+}
+
+/// `[manager] CLOUD/CLOUD_NAME/CLOUD_CONFIG` (the default cloud) and one section per name in
+/// `[manager] OTHER_CLOUDS`, each with `CLOUD` and/or `CLOUD_CONFIG`.
+pub fn cloud_entries(ini: &Ini) -> Result<Vec<CloudEntry>> {
+    const S: &str = "manager";
+    let default_name = ini.get_or(S, "CLOUD_NAME", "iaas");
+    if !valid_cloud_name(&default_name) {
+        bail!("[manager] CLOUD_NAME = '{default_name}': letters, digits, '-' and '_' only, not 'default'");
+    }
+    let mut out = vec![CloudEntry {
+        name: default_name,
+        source: cloud_source(ini, S, Some("local"))?,
+    }];
+    let others = ini.get_or(S, "OTHER_CLOUDS", "");
+    for name in others
+        .split([',', ' ', '\n'])
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+    {
+        if !valid_cloud_name(name) {
+            bail!("[manager] OTHER_CLOUDS: '{name}' is no valid cloud name (letters, digits, '-' and '_', not 'default')");
+        }
+        if out.iter().any(|e| e.name == name) {
+            bail!("[manager] OTHER_CLOUDS: cloud '{name}' is named twice (or is CLOUD_NAME)");
+        }
+        if !ini.has_section(name) {
+            bail!("[manager] OTHER_CLOUDS names '{name}', but there is no [{name}] section (with CLOUD and/or CLOUD_CONFIG)");
+        }
+        out.push(CloudEntry {
+            name: name.to_string(),
+            source: cloud_source(ini, name, None)?,
+        });
+    }
+    Ok(out)
 }
 
 fn secs(s: f64) -> Result<Duration> {
@@ -568,8 +688,16 @@ impl ManagerConfig {
             var_run: ini.require(S, "VAR_RUN")?.into(),
             var_cache: ini.require(S, "VAR_CACHE")?.into(),
             config_dir: opt("CONFIG_DIR").map(PathBuf::from),
-            cloud: ini.get_or(S, "CLOUD", "local"),
-            cloud_name: ini.get_or(S, "CLOUD_NAME", "iaas"),
+            clouds: cloud_entries(ini)?,
+            manager_id: opt("MANAGER_ID").unwrap_or_else(|| {
+                format!(
+                    "{}-u{}-a{}-s{}",
+                    ini.get_or(S, "DEPLOYMENT_NAME", "conpaas"),
+                    ini.get_or(S, "USER_ID", ""),
+                    ini.get_or(S, "APP_ID", ""),
+                    ini.get_or(S, "SERVICE_ID", "1")
+                )
+            }),
             agent_port: ini.parse_or(S, "AGENT_PORT", 5555)?,
             poll: secs(ini.parse_or(S, "POLL_INTERVAL", 5.0)?)?,
             boot_timeout: secs(ini.parse_or(S, "BOOT_TIMEOUT", 300.0)?)?,
@@ -596,7 +724,99 @@ pub struct Running {
     pub manager: Arc<Manager>,
     pub rpc_addr: std::net::SocketAddr,
     pub enroll_addr: std::net::SocketAddr,
-    pub local_cloud: Option<Arc<crate::cloud::LocalCloud>>,
+    /// The `local` clouds (their agents are killed when the manager exits).
+    pub local_clouds: Vec<Arc<crate::cloud::LocalCloud>>,
+}
+
+/// Builds the driver of one cloud.
+async fn build_cloud(
+    cfg: &ManagerConfig,
+    entry: &CloudEntry,
+    config_dir: &std::path::Path,
+    owner: &Owner,
+    local_clouds: &mut Vec<Arc<crate::cloud::LocalCloud>>,
+) -> Result<Arc<dyn Cloud>> {
+    let cps_bin = || match &cfg.cps_bin {
+        Some(b) => Ok(b.clone()),
+        None => std::env::current_exe(),
+    };
+    // The default cloud keeps the directories it always had; the others get their own.
+    let is_default = cfg.clouds.first().map(|e| &e.name) == Some(&entry.name);
+    let sub = |base: &str| {
+        if is_default {
+            cfg.var_cache.join(base)
+        } else {
+            cfg.var_cache.join(format!("{base}-{}", entry.name))
+        }
+    };
+    match &entry.source {
+        CloudSource::Local => {
+            let c = Arc::new(crate::cloud::LocalCloud::new(
+                &entry.name,
+                cps_bin()?,
+                sub("local-nodes"),
+                cfg.local_dead_nodes,
+            )?);
+            local_clouds.push(c.clone());
+            Ok(c)
+        }
+        CloudSource::Nspawn => {
+            let rootfs = cfg
+                .nspawn_rootfs
+                .clone()
+                .context("CLOUD = nspawn needs NSPAWN_ROOTFS (the agents' root tree)")?;
+            let c = Arc::new(
+                crate::cloud::LocalCloud::new(
+                    &entry.name,
+                    "/usr/local/bin/cps".into(),
+                    sub("nspawn-nodes"),
+                    0,
+                )?
+                .in_containers(rootfs),
+            );
+            local_clouds.push(c.clone());
+            Ok(c)
+        }
+        CloudSource::Qemu => {
+            let settings = cfg
+                .qemu
+                .clone()
+                .context("a qemu cloud needs a [qemu] section")?;
+            Ok(Arc::new(crate::qemu::QemuCloud::new(
+                &entry.name,
+                settings,
+                cps_bin()?,
+                sub("qemu-nodes"),
+            )?))
+        }
+        CloudSource::File { path, driver } => {
+            let path = crate::cloudcfg::resolve(path, config_dir);
+            let settings = crate::cloudcfg::load_cloud(&path, &entry.name, *driver)?;
+            remote_cloud(&entry.name, settings, owner.clone()).await
+        }
+    }
+}
+
+#[cfg(feature = "clouds")]
+async fn remote_cloud(name: &str, settings: CloudSettings, owner: Owner) -> Result<Arc<dyn Cloud>> {
+    Ok(match settings {
+        CloudSettings::Ec2(s) => Arc::new(crate::ec2::Ec2Cloud::new(name, s, owner).await?),
+        CloudSettings::OpenStack(s) => {
+            Arc::new(crate::openstack::OpenStackCloud::new(name, s, owner)?)
+        }
+    })
+}
+
+#[cfg(not(feature = "clouds"))]
+async fn remote_cloud(
+    name: &str,
+    settings: CloudSettings,
+    _owner: Owner,
+) -> Result<Arc<dyn Cloud>> {
+    bail!(
+        "cloud {name}: this cps was built without the `clouds` feature, so the {} driver is not available",
+        settings.kind().as_str()
+    )
 }
 
 /// Builds the manager from its config and starts serving (in background tasks).
@@ -623,60 +843,22 @@ pub async fn start(cfg: &ManagerConfig) -> Result<Running> {
         Some(d) => crate::context::ConfigTree::new(d),
         None => crate::context::ConfigTree::locate()?,
     };
-    let local_cloud;
-    let cloud: Arc<dyn crate::cloud::Cloud> = match cfg.cloud.as_str() {
-        "local" => {
-            let bin = match &cfg.cps_bin {
-                Some(b) => b.clone(),
-                None => std::env::current_exe()?,
-            };
-            let c = Arc::new(crate::cloud::LocalCloud::new(
-                &cfg.cloud_name,
-                bin,
-                cfg.var_cache.join("local-nodes"),
-                cfg.local_dead_nodes,
-            )?);
-            local_cloud = Some(c.clone());
-            c
-        }
-        "nspawn" => {
-            let rootfs = cfg
-                .nspawn_rootfs
-                .clone()
-                .context("CLOUD = nspawn needs NSPAWN_ROOTFS (the agents' root tree)")?;
-            let c = Arc::new(
-                crate::cloud::LocalCloud::new(
-                    &cfg.cloud_name,
-                    "/usr/local/bin/cps".into(),
-                    cfg.var_cache.join("nspawn-nodes"),
-                    0,
-                )?
-                .in_containers(rootfs),
-            );
-            local_cloud = Some(c.clone());
-            c
-        }
-        "qemu" => {
-            let settings = cfg
-                .qemu
-                .clone()
-                .context("CLOUD = qemu needs a [qemu] section")?;
-            let relay_bin = match &cfg.cps_bin {
-                Some(b) => b.clone(),
-                None => std::env::current_exe()?,
-            };
-            local_cloud = None;
-            Arc::new(crate::qemu::QemuCloud::new(
-                &cfg.cloud_name,
-                settings,
-                relay_bin,
-                cfg.var_cache.join("qemu-nodes"),
-            )?)
-        }
-        other => {
-            anyhow::bail!("cloud driver '{other}' is not available (available: local, qemu)")
-        }
+    let owner = Owner {
+        manager_id: cfg.manager_id.clone(),
+        name_prefix: format!(
+            "{}-u{}-a{}-s{}-",
+            cfg.deployment_name, cfg.user_id, cfg.app_id, cfg.service_id
+        ),
     };
+    let mut local_clouds = Vec::new();
+    let mut clouds = Vec::new();
+    for entry in &cfg.clouds {
+        let c = build_cloud(cfg, entry, &config.dir, &owner, &mut local_clouds)
+            .await
+            .with_context(|| format!("cloud '{}'", entry.name))?;
+        clouds.push(c);
+    }
+    let cloud = clouds.remove(0);
     let rpc_listener = tokio::net::TcpListener::bind((cfg.bind.as_str(), cfg.port))
         .await
         .with_context(|| format!("binding {}:{}", cfg.bind, cfg.port))?;
@@ -708,6 +890,7 @@ pub async fn start(cfg: &ManagerConfig) -> Result<Running> {
     };
     let controller = Arc::new(Controller {
         cloud,
+        other_clouds: clouds,
         config,
         enroller: enroller.clone(),
         agent_tls: pki::client_config(&certs, agent_rule)?,
@@ -717,6 +900,10 @@ pub async fn start(cfg: &ManagerConfig) -> Result<Running> {
         max_retries: cfg.max_retries,
         startup_script: std::sync::Mutex::new(None),
     });
+    // Nodes tagged by this manager that it does not know: from an earlier run.
+    for (cloud, vmid) in controller.reap_orphans(&[]).await {
+        tracing::warn!("deleted orphan node {vmid} in cloud {cloud}");
+    }
     let manager = Manager::new(&cfg.service_type, cfg.log_file.clone(), controller);
     manager
         .starting_nodes
@@ -742,6 +929,105 @@ pub async fn start(cfg: &ManagerConfig) -> Result<Running> {
         manager,
         rpc_addr,
         enroll_addr,
-        local_cloud,
+        local_clouds,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(text: &str) -> Result<Vec<CloudEntry>> {
+        cloud_entries(&Ini::parse(text).unwrap())
+    }
+
+    #[test]
+    fn default_cloud_and_other_clouds() {
+        // Nothing said: the local cloud named iaas.
+        assert_eq!(
+            entries("[manager]\n").unwrap(),
+            vec![CloudEntry {
+                name: "iaas".into(),
+                source: CloudSource::Local
+            }]
+        );
+        let e = entries(
+            "[manager]\nCLOUD = ec2\nCLOUD_CONFIG = cloud/ec2.cfg\n\
+             OTHER_CLOUDS = mystack, lab ,vms\n\
+             [mystack]\nCLOUD_CONFIG = /etc/cps/openstack.cfg\n\
+             [lab]\nCLOUD = local\n[vms]\nCLOUD = qemu\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = e.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["iaas", "mystack", "lab", "vms"]);
+        assert_eq!(
+            e[0].source,
+            CloudSource::File {
+                path: "cloud/ec2.cfg".into(),
+                driver: Some(DriverKind::Ec2)
+            }
+        );
+        assert_eq!(
+            e[1].source,
+            CloudSource::File {
+                path: "/etc/cps/openstack.cfg".into(),
+                driver: None
+            }
+        );
+        assert_eq!(
+            (&e[2].source, &e[3].source),
+            (&CloudSource::Local, &CloudSource::Qemu)
+        );
+        // CLOUD_CONFIG alone: the file's DRIVER decides.
+        let e = entries("[manager]\nCLOUD_NAME = aws\nCLOUD_CONFIG = ec2.cfg\n").unwrap();
+        assert_eq!(e[0].name, "aws");
+        assert!(matches!(
+            e[0].source,
+            CloudSource::File { driver: None, .. }
+        ));
+    }
+
+    #[test]
+    fn cloud_config_errors() {
+        let err = |t: &str| entries(t).unwrap_err().to_string();
+        let e = err("[manager]\nUSER_ID = 1\nCLOUD = openstack\n");
+        assert!(
+            e.contains("line 3") && e.contains("needs CLOUD_CONFIG"),
+            "{e}"
+        );
+        let e = err("[manager]\nCLOUD = azure\n");
+        assert!(e.contains("line 2") && e.contains("'azure'"), "{e}");
+        let e = err("[manager]\nOTHER_CLOUDS = aws\n");
+        assert!(e.contains("no [aws] section"), "{e}");
+        let e = err("[manager]\nOTHER_CLOUDS = aws\n[aws]\nKEY = 1\n");
+        assert!(
+            e.contains("line 3") && e.contains("[aws] names no cloud"),
+            "{e}"
+        );
+        let e = err("[manager]\nOTHER_CLOUDS = iaas\n[iaas]\nCLOUD = local\n");
+        assert!(e.contains("named twice"), "{e}");
+        let e = err("[manager]\nOTHER_CLOUDS = default\n");
+        assert!(e.contains("'default' is no valid cloud name"), "{e}");
+        let e = err("[manager]\nOTHER_CLOUDS = l\n[l]\nCLOUD = local\nCLOUD_CONFIG = x.cfg\n");
+        assert!(
+            e.contains("line 5") && e.contains("not CLOUD = local"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn manager_id_defaults_to_the_node_name_prefix() {
+        let ini = Ini::parse(
+            "[manager]\nUSER_ID = 3\nAPP_ID = 7\nDEPLOYMENT_NAME = dep\nLOG_FILE = /l\n\
+             CERT_DIR = /c\nVAR_RUN = /r\nVAR_CACHE = /v\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ManagerConfig::from_ini(&ini).unwrap().manager_id,
+            "dep-u3-a7-s1"
+        );
+        let mut ini = ini;
+        ini.set("manager", "MANAGER_ID", "mgr-42");
+        assert_eq!(ManagerConfig::from_ini(&ini).unwrap().manager_id, "mgr-42");
+    }
 }

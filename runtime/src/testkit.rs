@@ -158,7 +158,7 @@ impl TestManager {
 
 impl Drop for TestManager {
     fn drop(&mut self) {
-        if let Some(c) = &self.running.local_cloud {
+        for c in &self.running.local_clouds {
             c.kill_all();
         }
         if std::env::var_os("CPS_KEEP_TEST_DIR").is_none() {

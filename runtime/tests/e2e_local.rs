@@ -297,6 +297,23 @@ fn client_reports_connection_and_tls_errors() {
         "info",
     ]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
+    // a cloud the manager does not have: refused by the service (exit 3), state unchanged
+    let o = cps(&[
+        "client",
+        "--manager",
+        &m.url,
+        "--cert-dir",
+        &cert_dir,
+        "add-nodes",
+        "1",
+        "--cloud",
+        "nosuch",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Unknown cloud 'nosuch' (clouds: iaas)"),
+        "{o:?}"
+    );
     // missing cert paths
     let o = cps(&["client", "--manager", &m.url, "info"]);
     assert!(!o.status.success());

@@ -21,6 +21,7 @@ use runtime::rpc::{Call, Dispatcher, Verb};
 use serde_json::{json, Value};
 
 struct FakeCloud {
+    name: String,
     pki_dir: std::path::PathBuf,
     ca: Ca,
     next: AtomicU64,
@@ -35,7 +36,7 @@ struct FakeCloud {
 #[async_trait]
 impl Cloud for FakeCloud {
     fn cloud_name(&self) -> &str {
-        "iaas"
+        &self.name
     }
     fn cloud_type(&self) -> &str {
         "fake"
@@ -106,12 +107,12 @@ impl Cloud for FakeCloud {
             tokio::spawn(runtime::rpc::serve_tls(l, tls, d.router()))
         };
         let node = ServiceNode {
-            id: format!("iaas{vmid}"),
+            id: format!("{}{vmid}", self.name),
             name: req.vars.node_id.clone(),
             vmid: vmid.clone(),
             ip: "127.0.0.1".into(),
             private_ip: "127.0.0.1".into(),
-            cloud: "iaas".into(),
+            cloud: self.name.clone(),
             role: req.role,
             port,
         };
@@ -146,6 +147,8 @@ impl Cloud for FakeCloud {
 struct Fx {
     _pki: Pki,
     cloud: Arc<FakeCloud>,
+    /// A second cloud, `other`, in `other_clouds`.
+    other: Arc<FakeCloud>,
     d: Dispatcher,
     manager: Arc<Manager>,
 }
@@ -153,16 +156,21 @@ struct Fx {
 fn fixture(open_gate: bool, dead: u32, max_retries: u32) -> Fx {
     let pki = Pki::new();
     let mgr = pki.issue("mgr", Role::Manager, 1, 1);
-    let cloud = Arc::new(FakeCloud {
-        pki_dir: pki.dir.path().join("nodes"),
-        ca: Ca::load(&pki.ca_dir()).unwrap(),
-        next: AtomicU64::new(1),
-        gate: tokio::sync::Semaphore::new(if open_gate { 1000 } else { 0 }),
-        dead: AtomicU32::new(dead),
-        nodes: Mutex::new(BTreeMap::new()),
-        deleted: Mutex::new(Vec::new()),
-        scripts: Mutex::new(Vec::new()),
-    });
+    let fake = |name: &str, dead: u32| {
+        Arc::new(FakeCloud {
+            name: name.into(),
+            pki_dir: pki.dir.path().join(format!("nodes-{name}")),
+            ca: Ca::load(&pki.ca_dir()).unwrap(),
+            next: AtomicU64::new(1),
+            gate: tokio::sync::Semaphore::new(if open_gate { 1000 } else { 0 }),
+            dead: AtomicU32::new(dead),
+            nodes: Mutex::new(BTreeMap::new()),
+            deleted: Mutex::new(Vec::new()),
+            scripts: Mutex::new(Vec::new()),
+        })
+    };
+    let cloud = fake("iaas", dead);
+    let other = fake("other", 0);
     let enroller = Arc::new(Enroller::new(
         Ca::load(&pki.ca_dir()).unwrap(),
         Duration::from_secs(60),
@@ -186,6 +194,7 @@ fn fixture(open_gate: bool, dead: u32, max_retries: u32) -> Fx {
     };
     let controller = Arc::new(Controller {
         cloud: cloud.clone(),
+        other_clouds: vec![other.clone()],
         config: ConfigTree::locate().unwrap(),
         enroller,
         agent_tls: pki::client_config(
@@ -210,6 +219,7 @@ fn fixture(open_gate: bool, dead: u32, max_retries: u32) -> Fx {
     Fx {
         _pki: pki,
         cloud,
+        other,
         d,
         manager,
     }
@@ -503,9 +513,22 @@ async fn node_role_checks() {
         json!({"nodes": {"node": 1}, "cloud": "mars"}),
     )
     .await;
-    assert_eq!(v["result"]["state"], "ADAPTING");
-    wait_state(&fx.manager, State::ERROR).await;
-    assert_eq!(fx.manager.state(), State::ERROR);
+    // An unknown cloud is refused before the state changes.
+    assert_eq!(err(&v), "Unknown cloud 'mars' (clouds: iaas, other)");
+    assert_eq!(fx.manager.state(), State::RUNNING);
+    let v = call(
+        &fx.d,
+        Verb::POST,
+        "add_nodes",
+        json!({"nodes": {"node": 1}, "cloud": "iaas"}),
+    )
+    .await;
+    assert_eq!(
+        v["result"]["state"], "ADAPTING",
+        "the default cloud by name"
+    );
+    wait_state(&fx.manager, State::RUNNING).await;
+    assert_eq!(fx.manager.nodes().len(), 2);
     let v = call(&fx.d, Verb::GET, "get_log", json!({})).await;
     assert_eq!(v["result"]["log"], "manager log line\n");
     let v = call(
@@ -633,4 +656,49 @@ async fn stop_during_startup_wins() {
         .map(|e| e["state"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(states, ["INIT", "PROLOGUE", "EPILOGUE", "STOPPED"]);
+}
+
+#[tokio::test]
+async fn nodes_go_to_the_named_cloud_and_are_deleted_there() {
+    let fx = fixture(true, 0, 0);
+    call(&fx.d, Verb::POST, "startup", json!({"cloud": "other"})).await;
+    wait_state(&fx.manager, State::RUNNING).await;
+    let v = call(
+        &fx.d,
+        Verb::POST,
+        "add_nodes",
+        json!({"nodes": {"node": 2}, "cloud": "default"}),
+    )
+    .await;
+    assert_eq!(v["result"]["state"], "ADAPTING");
+    wait_state(&fx.manager, State::RUNNING).await;
+    let v = call(&fx.d, Verb::GET, "list_nodes", json!({})).await;
+    assert_eq!(
+        v["result"],
+        json!({"helloworld": ["other1", "iaas1", "iaas2"]}),
+        "node ids carry their cloud's name"
+    );
+    let v = call(
+        &fx.d,
+        Verb::GET,
+        "get_node_info",
+        json!({"serviceNodeId": "other1"}),
+    )
+    .await;
+    assert_eq!(v["result"]["serviceNode"]["cloud"], "other");
+    // remove_nodes takes the newest (iaas2); stop deletes the rest, each in its own cloud.
+    call(
+        &fx.d,
+        Verb::POST,
+        "remove_nodes",
+        json!({"nodes": {"node": 1}}),
+    )
+    .await;
+    wait_state(&fx.manager, State::RUNNING).await;
+    assert_eq!(*fx.cloud.deleted.lock().unwrap(), ["iaas2"]);
+    call(&fx.d, Verb::POST, "stop", json!({})).await;
+    wait_state(&fx.manager, State::STOPPED).await;
+    assert_eq!(*fx.cloud.deleted.lock().unwrap(), ["iaas2", "iaas1"]);
+    assert_eq!(*fx.other.deleted.lock().unwrap(), ["other1"]);
+    assert!(fx.other.list_nodes().await.unwrap().is_empty());
 }

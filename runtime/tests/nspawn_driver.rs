@@ -135,8 +135,18 @@ fn agents_run_in_containers_and_answer_over_mtls() {
     ok(cps(&["ca", "init", "--dir", &p("ca")], &[]));
     ok(cps(
         &[
-            "ca", "issue", "--dir", &p("ca"), "--role", "manager", "--uid", "1", "--app", "1",
-            "--out", &p("mgr"),
+            "ca",
+            "issue",
+            "--dir",
+            &p("ca"),
+            "--role",
+            "manager",
+            "--uid",
+            "1",
+            "--app",
+            "1",
+            "--out",
+            &p("mgr"),
         ],
         &[],
     ));
@@ -174,8 +184,17 @@ fn agents_run_in_containers_and_answer_over_mtls() {
     let url = format!("https://127.0.0.1:{enroll_port}/enroll");
     let out = ok(cps(
         &[
-            "enroll", "--url", &url, "--token", "t0k3n", "--node-id", "user", "--cert-dir",
-            &user, "--ca", &ca_cert,
+            "enroll",
+            "--url",
+            &url,
+            "--token",
+            "t0k3n",
+            "--node-id",
+            "user",
+            "--cert-dir",
+            &user,
+            "--ca",
+            &ca_cert,
         ],
         &[],
     ));
@@ -183,8 +202,17 @@ fn agents_run_in_containers_and_answer_over_mtls() {
     // Single use.
     let again = cps(
         &[
-            "enroll", "--url", &url, "--token", "t0k3n", "--node-id", "user", "--cert-dir",
-            &p("user2"), "--ca", &p("ca/ca_cert.pem"),
+            "enroll",
+            "--url",
+            &url,
+            "--token",
+            "t0k3n",
+            "--node-id",
+            "user",
+            "--cert-dir",
+            &p("user2"),
+            "--ca",
+            &p("ca/ca_cert.pem"),
         ],
         &[],
     );
@@ -196,9 +224,8 @@ fn agents_run_in_containers_and_answer_over_mtls() {
         a.extend_from_slice(args);
         cps(&a, &[])
     };
-    let state = |c: &dyn Fn(&[&str]) -> Output| {
-        String::from_utf8_lossy(&c(&["info"]).stdout).into_owned()
-    };
+    let state =
+        |c: &dyn Fn(&[&str]) -> Output| String::from_utf8_lossy(&c(&["info"]).stdout).into_owned();
     ok(client(&["startup"]));
     wait_for("RUNNING after startup", Duration::from_secs(30), || {
         state(&client).contains("RUNNING")
