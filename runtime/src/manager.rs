@@ -208,10 +208,15 @@ impl Manager {
     fn check_cloud(&self, cloud: &str) -> Result<(), RpcError> {
         match self.controller.cloud_named(cloud) {
             Some(_) => Ok(()),
-            None => Err(RpcError(format!(
-                "Unknown cloud '{cloud}' (clouds: {})",
-                self.controller.cloud_names().join(", ")
-            ))),
+            None => {
+                let msg = format!(
+                    "Unknown cloud '{cloud}' (clouds: {})",
+                    self.controller.cloud_names().join(", ")
+                );
+                // Refused before any state change; the log (and the status page) keep it.
+                tracing::warn!("request refused: {msg}");
+                Err(RpcError(msg))
+            }
         }
     }
 
