@@ -940,15 +940,17 @@ mod tests {
         let mut fut = Box::pin(cloud.create_node(req));
         // until qemu has started (it is then in the start-up check)
         let t0 = Instant::now();
-        while !pids.exists() {
+        // (The shell creates the file before it writes the pid: wait for the line.)
+        let read_pid = || {
+            std::fs::read_to_string(&pids)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+        };
+        while read_pid().is_none() {
             assert!(t0.elapsed() < Duration::from_secs(20));
             let _ = tokio::time::timeout(Duration::from_millis(20), &mut fut).await;
         }
-        let pid: u32 = std::fs::read_to_string(&pids)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let pid: u32 = read_pid().unwrap();
         assert!(pid_alive(pid));
         drop(fut);
         assert!(!pid_alive(pid), "abandoned qemu killed");
