@@ -42,9 +42,9 @@ impl LoopDevice {
             backing: crate::host::fsutil::absolute(file),
             offset,
         });
-        let attached = (|| {
-            let control = loopdev::LoopControl::open().map_err(err)?;
-            let device = control.next_free().map_err(err)?;
+        let attach_once = || {
+            let control = loopdev::LoopControl::open()?;
+            let device = control.next_free()?;
             let mut attach = device
                 .with()
                 .offset(offset)
@@ -53,12 +53,25 @@ impl LoopDevice {
             if let Some(s) = size {
                 attach = attach.size_limit(s);
             }
-            attach.attach(file).map_err(err)?;
+            attach.attach(file)?;
             let path = device
                 .path()
-                .ok_or_else(|| err(std::io::Error::other("loop device has no path")))?;
-            Ok((device, path))
-        })();
+                .ok_or_else(|| std::io::Error::other("loop device has no path"))?;
+            Ok::<_, std::io::Error>((device, path))
+        };
+        // "Next free" and "attach" are two steps: another process may take the same
+        // device in between (EBUSY). Ask again for a free one.
+        let mut attached = attach_once();
+        for _ in 0..20 {
+            match &attached {
+                Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    attached = attach_once();
+                }
+                _ => break,
+            }
+        }
+        let attached = attached.map_err(err);
         let (device, path) = match attached {
             Ok(v) => v,
             Err(e) => {
