@@ -155,6 +155,71 @@ impl Drop for Mgr {
     }
 }
 
+/// CA, manager and user certificates under `root`, and a `cps manager` with the qemu driver
+/// booting `image`; `qemu_extra` goes into its `[qemu]` section.
+fn start_manager(root: &Path, image: &Path, qemu_extra: &str, hello: &str) -> Mgr {
+    let p = |s: &str| root.join(s).display().to_string();
+    cps_ok(&["ca", "init", "--dir", &p("ca")]);
+    for (role, out) in [("manager", "mgr"), ("user", "user")] {
+        cps_ok(&[
+            "ca",
+            "issue",
+            "--dir",
+            &p("ca"),
+            "--role",
+            role,
+            "--uid",
+            "1",
+            "--app",
+            "2",
+            "--out",
+            &p(out),
+        ]);
+    }
+    let cfg = format!(
+        "[manager]\nTYPE = helloworld\nUSER_ID = 1\nAPP_ID = 2\nBIND = 127.0.0.1\nMY_IP = 127.0.0.1\n\
+         PORT = 0\nENROLL_PORT = 0\nLOG_FILE = {}\nCERT_DIR = {}\nCA_DIR = {}\nVAR_RUN = {}\n\
+         VAR_CACHE = {}\nCONFIG_DIR = {}\nCLOUD = qemu\nPOLL_INTERVAL = 2\nBOOT_TIMEOUT = 600\n\
+         MAX_RETRIES = 0\nCONTEXT_STRING = {hello}\n\n[qemu]\nIMAGE = {}\nWORK_DIR = {}\nMEMORY = 768\n\
+         CPUS = 1\nACCEL = auto\n{qemu_extra}",
+        p("manager.log"),
+        p("mgr"),
+        p("ca"),
+        p("run"),
+        p("cache"),
+        workspace().join("config").display(),
+        image.display(),
+        p("nodes"),
+    );
+    std::fs::write(root.join("manager.cfg"), cfg).unwrap();
+    let child = Command::new(bin("cps"))
+        .args(["manager", "-c", &p("manager.cfg")])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(root.join("manager.out")).unwrap())
+        .stderr(std::fs::File::create(root.join("manager.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut mgr = Mgr {
+        child: Some(child),
+        root: root.to_path_buf(),
+        url: String::new(),
+        user: root.join("user"),
+    };
+    let ports = root.join("run/ports.json");
+    let t = Instant::now();
+    while !ports.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "manager did not start: {}",
+            std::fs::read_to_string(root.join("manager.err")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&ports).unwrap()).unwrap();
+    mgr.url = format!("https://127.0.0.1:{}", v["port"]);
+    mgr
+}
+
 fn cps_ok(args: &[&str]) {
     let out = run(Command::new(bin("cps")).args(args));
     assert!(out.status.success(), "cps {args:?} failed");
@@ -191,64 +256,7 @@ fn helloworld_agents_in_qemu_vms() {
     eprintln!("image built in {:.0} s", t0.elapsed().as_secs_f64());
     assert_clean(&root);
 
-    let p = |s: &str| root.join(s).display().to_string();
-    cps_ok(&["ca", "init", "--dir", &p("ca")]);
-    for (role, out) in [("manager", "mgr"), ("user", "user")] {
-        cps_ok(&[
-            "ca",
-            "issue",
-            "--dir",
-            &p("ca"),
-            "--role",
-            role,
-            "--uid",
-            "1",
-            "--app",
-            "2",
-            "--out",
-            &p(out),
-        ]);
-    }
-    let cfg = format!(
-        "[manager]\nTYPE = helloworld\nUSER_ID = 1\nAPP_ID = 2\nBIND = 127.0.0.1\nMY_IP = 127.0.0.1\n\
-         PORT = 0\nENROLL_PORT = 0\nLOG_FILE = {}\nCERT_DIR = {}\nCA_DIR = {}\nVAR_RUN = {}\n\
-         VAR_CACHE = {}\nCONFIG_DIR = {}\nCLOUD = qemu\nPOLL_INTERVAL = 2\nBOOT_TIMEOUT = 600\n\
-         MAX_RETRIES = 0\n\n[qemu]\nIMAGE = {}\nWORK_DIR = {}\nMEMORY = 768\nCPUS = 1\nACCEL = auto\n",
-        p("manager.log"),
-        p("mgr"),
-        p("ca"),
-        p("run"),
-        p("cache"),
-        workspace().join("config").display(),
-        image.display(),
-        p("nodes"),
-    );
-    std::fs::write(root.join("manager.cfg"), cfg).unwrap();
-    let child = Command::new(bin("cps"))
-        .args(["manager", "-c", &p("manager.cfg")])
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(root.join("manager.out")).unwrap())
-        .stderr(std::fs::File::create(root.join("manager.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut mgr = Mgr {
-        child: Some(child),
-        root: root.clone(),
-        url: String::new(),
-        user: root.join("user"),
-    };
-    let ports = root.join("run/ports.json");
-    let t = Instant::now();
-    while !ports.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "manager did not start: {}",
-            std::fs::read_to_string(root.join("manager.err")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&ports).unwrap()).unwrap();
-    mgr.url = format!("https://127.0.0.1:{}", v["port"]);
+    let mut mgr = start_manager(&root, &image, "", "helloworld");
 
     // startup: one VM
     assert!(mgr.client(&["startup"]).status.success());
@@ -402,4 +410,148 @@ fn manager_exit_kills_its_vms() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(files_in(&root.join("nodes")), Vec::<String>::new());
+}
+
+/// `cps client` with the manager's certificate, straight to an agent (mutual TLS: the agent
+/// accepts manager certificates of its user and application, the client expects an agent).
+fn agent_call(root: &Path, port: u16, method: &str) -> Output {
+    run(Command::new(bin("cps"))
+        .args(["client", "--json", "--manager"])
+        .arg(format!("https://127.0.0.1:{port}"))
+        .arg("--cert-dir")
+        .arg(root.join("mgr"))
+        .args(["call", method])
+        .stdin(Stdio::null()))
+}
+
+/// Issue #4: a helloworld image for EC2/Xen (optimize on) is booted as an HVM guest by the
+/// manager's qemu driver with EC2 contextualization (`CONTEXT = ec2`: no config drive, an
+/// IMDSv2-only metadata service at 169.254.169.254 behind a guest forward). The guest's
+/// `cps context apply` takes the user-data from the metadata service, the agent enrols with its
+/// token at the manager (guest forward to the enrolment port), and the test then calls the
+/// agent itself over mutual TLS on its host-forwarded port.
+#[test]
+fn ec2_image_agent_contextualized_by_imdsv2_answers_over_mtls() {
+    if !is_root() {
+        eprintln!("skipped: needs root (mkimage build)");
+        return;
+    }
+    let _g = heavy();
+    let sb = Sandbox::new();
+    let root = sb.path().to_path_buf();
+    let t0 = Instant::now();
+    let out = run(sb.build().args([
+        "--services",
+        "helloworld",
+        "--cloud",
+        "ec2",
+        "--hypervisor",
+        "xen",
+        "--optimize",
+        "true",
+        "--output",
+        "hello-ec2.img",
+    ]));
+    assert!(out.status.success(), "mkimage build failed");
+    let image = sb.out().join("hello-ec2.img");
+    eprintln!("image built in {:.0} s", t0.elapsed().as_secs_f64());
+
+    // The PV-GRUB menu names the installed kernel and the root filesystem by UUID.
+    {
+        let lo = mkimage::host::LoopDevice::attach(&image, 1 << 20, None, true).expect("loop");
+        let mnt = tempfile::tempdir_in(&root).unwrap();
+        let m = mkimage::host::MountGuard::mount(lo.path(), mnt.path(), "ext4", Some("ro,noload"))
+            .expect("mount");
+        let menu = std::fs::read_to_string(mnt.path().join("boot/grub/menu.lst"))
+            .expect("/boot/grub/menu.lst missing");
+        let fstab = std::fs::read_to_string(mnt.path().join("etc/fstab")).unwrap();
+        let uuid = fstab
+            .split("UUID=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .expect("fstab without UUID")
+            .to_owned();
+        let kernel = menu
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("kernel "))
+            .unwrap_or_else(|| panic!("no kernel line in menu.lst:\n{menu}"));
+        let vmlinuz = kernel.split_whitespace().nth(1).unwrap();
+        assert!(vmlinuz.starts_with("/boot/vmlinuz-"), "{kernel}");
+        assert!(
+            mnt.path().join(vmlinuz.trim_start_matches('/')).is_file(),
+            "menu.lst names {vmlinuz}, which is not in the image"
+        );
+        assert!(
+            kernel.contains(&format!("root=UUID={uuid}")),
+            "{kernel} (root is {uuid})"
+        );
+        drop(m);
+    }
+    assert_clean(&root);
+
+    let hello = "ec2-agent-says-hello";
+    let mut mgr = start_manager(&root, &image, "CONTEXT = ec2\n", hello);
+    let t = Instant::now();
+    assert!(mgr.client(&["startup"]).status.success());
+    mgr.wait_state("RUNNING", Duration::from_secs(900));
+    eprintln!("ec2 node RUNNING after {:.0} s", t.elapsed().as_secs_f64());
+    assert_eq!(qemus_under(&root).len(), 1);
+
+    // Contextualized through the metadata service, not a config drive.
+    let node_dir = root.join("nodes/1");
+    assert!(!node_dir.join("config.iso").exists());
+    let args = std::fs::read_to_string(node_dir.join("qemu.args")).unwrap();
+    assert!(
+        args.contains("net=169.254.0.0/16") && args.contains("guestfwd=tcp:169.254.169.254:80-"),
+        "{args}"
+    );
+    let imds = std::fs::read_to_string(node_dir.join("imds.log")).unwrap();
+    for want in [
+        "PUT /latest/api/token 200",
+        "GET /latest/meta-data/instance-id 200",
+        "GET /latest/user-data 200",
+        "GET /latest/meta-data/local-ipv4 200",
+    ] {
+        assert!(
+            imds.lines().any(|l| l == want),
+            "{want} not in imds.log:\n{imds}"
+        );
+    }
+    assert!(
+        !imds.lines().any(|l| l.ends_with(" 401")),
+        "a metadata request without token:\n{imds}"
+    );
+    let serial = std::fs::read_to_string(node_dir.join("serial.log")).unwrap_or_default();
+    assert!(serial.contains("source ec2"), "{}", mgr.diagnostics());
+
+    // The agent itself, over mutual TLS on its host-forwarded port.
+    let ids: Vec<String> = mgr.json(&["list"])["helloworld"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 1);
+    let info = mgr.json(&[
+        "call",
+        "get_node_info",
+        "-P",
+        &format!("serviceNodeId={}", ids[0]),
+    ]);
+    let port = info["serviceNode"]["port"].as_u64().expect("agent port") as u16;
+    assert_eq!(info["serviceNode"]["ip"], "127.0.0.1");
+    let check = agent_call(&root, port, "check_process");
+    assert!(check.status.success(), "check_process over mTLS failed");
+    let got = agent_call(&root, port, "get_helloworld");
+    assert!(got.status.success(), "get_helloworld over mTLS failed");
+    let v: Value = serde_json::from_slice(&got.stdout).unwrap();
+    let said = v.get("result").unwrap_or(&v).as_str().unwrap_or_default();
+    assert_eq!(said, hello, "{v}");
+    assert!(mgr.client(&["stop"]).status.success());
+    mgr.wait_state("STOPPED", Duration::from_secs(120));
+    let st = mgr.terminate().expect("manager exit status");
+    assert!(st.success(), "manager exited with {st}");
+    assert_eq!(qemus_under(&root), Vec::<u32>::new());
+    assert_clean(&root);
 }

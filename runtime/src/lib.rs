@@ -9,6 +9,7 @@ pub mod config;
 pub mod context;
 pub mod controller;
 pub mod enrol;
+pub mod imds;
 pub mod manager;
 pub mod pki;
 pub mod qemu;
