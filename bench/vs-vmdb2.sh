@@ -200,10 +200,14 @@ for r in $(seq 1 "$N"); do
 done
 
 # --- boot ----------------------------------------------------------------------------
-boot_secs() { # image marker [boot-test args]
-  local img=$1 m=$2; shift 2
-  "$MK" boot-test "$img" --ready-marker "$m" --timeout 300 "$@" 2>"$img.boot.err" \
-    | sed -n 's/^ready after \([0-9.]*\) s under .*$/\1/p'
+boot_secs() { # image marker [boot-test args]; prints seconds, or nothing when not ready
+  local img=$1 m=$2 out; shift 2
+  if out=$("$MK" boot-test "$img" --ready-marker "$m" --timeout 300 "$@" 2>"$img.boot.err"); then
+    sed -n 's/^ready after \([0-9.]*\) s under .*$/\1/p' <<<"$out"
+  else
+    echo "boot-test of ${img##*/} (marker '$m') failed:" >&2
+    tail -n 20 "$img.boot.err" >&2
+  fi
 }
 # Agent-ready: user-data (config drive) makes a CA, an agent and a manager certificate in
 # the guest, starts the helloworld agent and prints a marker once the agent answers
@@ -216,7 +220,7 @@ cps() { /usr/local/bin/cps "$@"; }
 cps ca init --dir $D/ca >/dev/null
 cps ca issue --dir $D/ca --role agent --uid 1 --app 1 --out $D/agent >/dev/null
 cps ca issue --dir $D/ca --role manager --uid 1 --app 1 --out $D/mgr >/dev/null
-printf '[agent]\nTYPE = helloworld\nUSER_ID = 1\nAPP_ID = 1\nNODE_ID = bench\nMY_IP = 127.0.0.1\nBIND = 127.0.0.1\nPORT = 5555\nLOG_FILE = %s/agent.log\nCERT_DIR = %s/agent\nVAR_TMP = %s/var\nVAR_CACHE = %s/var\nVAR_RUN = %s/var\nSTRING_TO_GENERATE = hi\n' $D $D $D $D $D > $D/agent.cfg
+printf '[agent]\nTYPE = helloworld\nUSER_ID = 1\nAPP_ID = 1\nNODE_ID = bench\nMY_IP = 127.0.0.1\nBIND = 127.0.0.1\nPORT = 5555\nLOG_FILE = %s/agent.log\nETC = %s\nCERT_DIR = %s/agent\nVAR_TMP = %s/var\nVAR_CACHE = %s/var\nVAR_RUN = %s/var\nSTRING_TO_GENERATE = hi\n' $D $D $D $D $D $D > $D/agent.cfg
 nohup /usr/local/bin/cps agent -c $D/agent.cfg >$D/agent.out 2>&1 &
 i=0
 until cps client --manager https://127.0.0.1:5555 --cert-dir $D/mgr call check_process >/dev/null 2>&1; do
