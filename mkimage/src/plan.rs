@@ -173,6 +173,7 @@ pub fn stages(recipe: &Recipe) -> Result<Vec<Stage>, crate::service::ServiceErro
     s.push(Stage::Core(stage::core::Core {
         cps_binary: stage::core::find_cps_binary().unwrap_or_else(|| "cps".into()),
         config_dir: stage::core::find_config_dir(),
+        container: !bootable,
     }));
     for name in &recipe.services {
         let (recipe, text) = crate::service::load(name)?;

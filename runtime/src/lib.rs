@@ -12,6 +12,7 @@ pub mod controller;
 #[cfg(feature = "clouds")]
 pub mod ec2;
 pub mod enrol;
+pub mod imds;
 pub mod manager;
 #[cfg(feature = "clouds")]
 pub mod openstack;

@@ -154,7 +154,7 @@ enum ContextCmd {
 
 #[derive(ClapArgs)]
 struct ClientOpts {
-    /// Manager URL, https://host:port.
+    /// Manager URL, https://host:port (with a manager certificate, an agent's URL works too).
     #[arg(long, env = "CPS_MANAGER")]
     manager: String,
     /// Directory with cert.pem, key.pem, ca_cert.pem.
@@ -471,10 +471,16 @@ fn parse_param(kv: &str) -> Result<(String, Value)> {
 fn client(o: ClientOpts) -> Result<ExitCode> {
     let paths = client_paths(&o)?;
     let me = paths.identity().context("reading the client certificate")?;
-    let rule = PeerRule {
-        roles: vec![Role::Manager],
-        uid: me.uid,
-        app: if me.app == 0 { None } else { Some(me.app) },
+    // As the README's rules say: a user expects a manager of its user; a manager (e.g. an
+    // operator holding the manager's certificate) expects a manager or an agent of its user
+    // and application, so it can call an agent directly.
+    let rule = match me.role {
+        Role::Manager => PeerRule::agent_server(me.uid, me.app),
+        _ => PeerRule {
+            roles: vec![Role::Manager],
+            uid: me.uid,
+            app: if me.app == 0 { None } else { Some(me.app) },
+        },
     };
     let tls = pki::client_config(&paths, rule)?;
     let c = RpcClient::new(tls, manager_addr(&o.manager)?);

@@ -21,7 +21,15 @@
 //! Settings: the `[qemu]` section of the manager config: `IMAGE` (required, raw or qcow2),
 //! `FORMAT` (detected), `MEMORY` (MiB, 768), `CPUS` (1), `ACCEL` (`auto`, `kvm`, `tcg`),
 //! `WORK_DIR` (default `$VAR_CACHE/qemu-nodes`), `QEMU` (`qemu-system-x86_64`), `QEMU_IMG`
-//! (`qemu-img`), `SSH_KEY` (a public key file put into the nodes' metadata).
+//! (`qemu-img`), `SSH_KEY` (a public key file put into the nodes' metadata), `CONTEXT`
+//! (`configdrive`, the default, or `ec2`).
+//!
+//! With `CONTEXT = ec2` a node gets no config drive: it is contextualized as on EC2. Each node
+//! has its own metadata service ([`crate::imds`], IMDSv2 required) that the guest reaches at
+//! 169.254.169.254:80 through a guest forward; the user network is then link-local
+//! (`169.254.0.0/16`, the guest is 169.254.0.15), the manager is at [`EC2_MANAGER_GUEST_IP`],
+//! and the user-data is rendered with the `ec2` cloud script, which reads the instance
+//! metadata with a session token.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -44,6 +52,32 @@ use crate::config::Ini;
 pub const MANAGER_GUEST_IP: &str = "10.0.2.100";
 /// The address a guest has on QEMU's user network.
 pub const GUEST_IP: &str = "10.0.2.15";
+/// With `CONTEXT = ec2`: the user network is link-local, so that the metadata address
+/// 169.254.169.254 lies inside it; the guest and the manager have these addresses.
+pub const EC2_USER_NET: &str = "169.254.0.0/16";
+pub const EC2_GUEST_IP: &str = "169.254.0.15";
+pub const EC2_MANAGER_GUEST_IP: &str = "169.254.0.100";
+pub const METADATA_IP: &str = "169.254.169.254";
+
+/// How a node gets its contextualization data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContextVia {
+    /// An OpenStack config drive (ISO 9660 labelled `config-2`).
+    ConfigDrive,
+    /// An EC2 instance metadata service (IMDSv2) at 169.254.169.254.
+    Ec2,
+}
+
+impl std::str::FromStr for ContextVia {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "configdrive" | "config-drive" | "" => Ok(ContextVia::ConfigDrive),
+            "ec2" => Ok(ContextVia::Ec2),
+            o => bail!("CONTEXT must be configdrive or ec2, not '{o}'"),
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accel {
@@ -78,6 +112,7 @@ pub struct QemuSettings {
     pub qemu: PathBuf,
     pub qemu_img: PathBuf,
     pub ssh_keys: Vec<String>,
+    pub context: ContextVia,
 }
 
 impl QemuSettings {
@@ -105,6 +140,7 @@ impl QemuSettings {
             qemu: ini.get_or(S, "QEMU", "qemu-system-x86_64").into(),
             qemu_img: ini.get_or(S, "QEMU_IMG", "qemu-img").into(),
             ssh_keys,
+            context: ini.get_or(S, "CONTEXT", "configdrive").parse()?,
         }))
     }
 }
@@ -211,9 +247,10 @@ pub fn make_config_drive(
     Ok(())
 }
 
-/// A guest connection to `MANAGER_GUEST_IP:guest_port` goes to `target` on the host.
+/// A guest connection to `guest_ip:guest_port` goes to `target` on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestForward {
+    pub guest_ip: String,
     pub guest_port: u16,
     pub target: String,
 }
@@ -226,7 +263,10 @@ pub struct VmSpec {
     pub memory_mib: u32,
     pub cpus: u32,
     pub disk: PathBuf,
-    pub config_drive: PathBuf,
+    /// None with EC2 contextualization.
+    pub config_drive: Option<PathBuf>,
+    /// The user network's range (qemu's `net=`); qemu's default when None.
+    pub user_net: Option<String>,
     pub serial_log: PathBuf,
     pub host_port: u16,
     pub guest_port: u16,
@@ -251,20 +291,26 @@ pub fn qemu_args(s: &VmSpec) -> Vec<String> {
         format!("file:{}", s.serial_log.display()),
         "-drive".into(),
         format!("file={},format=qcow2,if=virtio", s.disk.display()),
-        "-drive".into(),
-        format!(
-            "file={},format=raw,if=virtio,readonly=on",
-            s.config_drive.display()
-        ),
     ]);
+    if let Some(cd) = &s.config_drive {
+        a.extend([
+            "-drive".into(),
+            format!("file={},format=raw,if=virtio,readonly=on", cd.display()),
+        ]);
+    }
     // restrict=on: the guest reaches nothing but the forwards below.
-    let mut net = format!(
-        "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:{}",
+    let mut net = "user,id=n0,restrict=on".to_string();
+    if let Some(n) = &s.user_net {
+        net.push_str(&format!(",net={n}"));
+    }
+    net.push_str(&format!(
+        ",hostfwd=tcp:127.0.0.1:{}-:{}",
         s.host_port, s.guest_port
-    );
+    ));
     for f in &s.forwards {
         net.push_str(&format!(
-            ",guestfwd=tcp:{MANAGER_GUEST_IP}:{}-cmd:{} relay {}",
+            ",guestfwd=tcp:{}:{}-cmd:{} relay {}",
+            f.guest_ip,
             f.guest_port,
             s.relay_bin.display(),
             f.target
@@ -314,9 +360,12 @@ where
     Ok(())
 }
 
-/// Rewrites the node's context so that it reaches the manager through the guest forward;
-/// returns the forwards the node needs.
-fn redirect_manager(vars: &mut crate::context::NodeVars) -> Result<Vec<GuestForward>> {
+/// Rewrites the node's context so that it reaches the manager at `guest_ip` through a guest
+/// forward; returns the forwards the node needs.
+fn redirect_manager(
+    vars: &mut crate::context::NodeVars,
+    guest_ip: &str,
+) -> Result<Vec<GuestForward>> {
     let mut u = url::Url::parse(&vars.enroll_url)
         .with_context(|| format!("enrolment URL '{}'", vars.enroll_url))?;
     let host = match u.host_str() {
@@ -326,10 +375,11 @@ fn redirect_manager(vars: &mut crate::context::NodeVars) -> Result<Vec<GuestForw
     let port = u
         .port_or_known_default()
         .context("enrolment URL without port")?;
-    u.set_host(Some(MANAGER_GUEST_IP))?;
+    u.set_host(Some(guest_ip))?;
     vars.enroll_url = u.to_string();
-    vars.manager_ip = MANAGER_GUEST_IP.to_string();
+    vars.manager_ip = guest_ip.to_string();
     Ok(vec![GuestForward {
+        guest_ip: guest_ip.to_string(),
         guest_port: port,
         target: format!("{host}:{port}"),
     }])
@@ -344,6 +394,8 @@ struct Vm {
     node: ServiceNode,
     child: Child,
     dir: PathBuf,
+    /// The node's metadata service (EC2 contextualization), stopped with the VM.
+    imds: Option<crate::imds::Imds>,
 }
 
 /// Dropping a VM sends SIGKILL to qemu's process group (qemu and its relays), reaps qemu and
@@ -356,6 +408,7 @@ impl Drop for Vm {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
         let _ = self.child.wait();
+        self.imds.take();
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!("removing {}: {e}", self.dir.display());
@@ -452,17 +505,46 @@ impl QemuCloud {
     /// Prepares the node directory and starts qemu.
     async fn start_vm(&self, vmid: &str, dir: &Path, mut req: NodeRequest) -> Result<Vm> {
         let id = format!("{}{vmid}", self.name);
-        let forwards = redirect_manager(&mut req.vars)?;
-        let script = req.config.render_script(&req.vars, "qemu")?;
+        let ec2 = self.settings.context == ContextVia::Ec2;
+        let manager_ip = if ec2 {
+            EC2_MANAGER_GUEST_IP
+        } else {
+            MANAGER_GUEST_IP
+        };
+        let mut forwards = redirect_manager(&mut req.vars, manager_ip)?;
+        let script = req
+            .config
+            .render_script(&req.vars, if ec2 { "ec2" } else { "qemu" })?;
         let disk = dir.join("disk.qcow2");
         create_overlay(&self.settings.qemu_img, &self.image, &self.format, &disk)?;
-        let config_drive = dir.join("config.iso");
-        make_config_drive(
-            &dir.join("config-drive"),
-            &config_drive,
-            &meta_data(&req.vars.node_id, &id, &self.settings.ssh_keys),
-            &script,
-        )?;
+        let (mut config_drive, mut imds, mut user_net) = (None, None, None);
+        if ec2 {
+            let md = crate::imds::InstanceMetadata {
+                instance_id: req.vars.node_id.clone(),
+                hostname: id.clone(),
+                local_ipv4: EC2_GUEST_IP.into(),
+                ssh_keys: self.settings.ssh_keys.clone(),
+                user_data: script.into_bytes(),
+            };
+            let s = crate::imds::Imds::start(md, Some(&crate::imds::log_path(dir)))
+                .context("starting the metadata service")?;
+            forwards.push(GuestForward {
+                guest_ip: METADATA_IP.into(),
+                guest_port: 80,
+                target: s.addr(),
+            });
+            imds = Some(s);
+            user_net = Some(EC2_USER_NET.to_string());
+        } else {
+            let iso = dir.join("config.iso");
+            make_config_drive(
+                &dir.join("config-drive"),
+                &iso,
+                &meta_data(&req.vars.node_id, &id, &self.settings.ssh_keys),
+                &script,
+            )?;
+            config_drive = Some(iso);
+        }
         let spec = VmSpec {
             name: format!("cps-{id}"),
             kvm: self.kvm,
@@ -470,6 +552,7 @@ impl QemuCloud {
             cpus: self.settings.cpus,
             disk,
             config_drive,
+            user_net,
             serial_log: dir.join("serial.log"),
             host_port: free_port()?,
             guest_port: req.vars.port,
@@ -503,13 +586,14 @@ impl QemuCloud {
                 name: req.vars.node_id.clone(),
                 vmid: vmid.to_string(),
                 ip: "127.0.0.1".into(),
-                private_ip: GUEST_IP.into(),
+                private_ip: if ec2 { EC2_GUEST_IP } else { GUEST_IP }.into(),
                 cloud: self.name.clone(),
                 role: req.role,
                 port: spec.host_port,
             },
             child,
             dir: dir.to_path_buf(),
+            imds: imds.take(),
         };
         // A bad option or a taken port makes qemu exit at once.
         let t0 = Instant::now();
@@ -621,11 +705,13 @@ mod tests {
             memory_mib: 768,
             cpus: 1,
             disk: "/w/1/disk.qcow2".into(),
-            config_drive: "/w/1/config.iso".into(),
+            config_drive: Some("/w/1/config.iso".into()),
+            user_net: None,
             serial_log: "/w/1/serial.log".into(),
             host_port: 40000,
             guest_port: 5555,
             forwards: vec![GuestForward {
+                guest_ip: MANAGER_GUEST_IP.into(),
                 guest_port: 4443,
                 target: "127.0.0.1:4443".into(),
             }],
@@ -666,24 +752,50 @@ mod tests {
         let a = qemu_args(&s);
         assert_eq!(arg_after(&a, "-accel"), ["kvm"]);
         assert!(!a.iter().any(|x| x.contains("guestfwd")));
+        // EC2 contextualization: no config drive, a link-local network, the metadata
+        // address forwarded.
+        let mut s = spec();
+        s.config_drive = None;
+        s.user_net = Some(EC2_USER_NET.into());
+        s.forwards = vec![GuestForward {
+            guest_ip: METADATA_IP.into(),
+            guest_port: 80,
+            target: "127.0.0.1:9".into(),
+        }];
+        let a = qemu_args(&s);
+        assert_eq!(
+            arg_after(&a, "-drive"),
+            ["file=/w/1/disk.qcow2,format=qcow2,if=virtio"]
+        );
+        assert_eq!(
+            arg_after(&a, "-netdev"),
+            [
+                "user,id=n0,restrict=on,net=169.254.0.0/16,hostfwd=tcp:127.0.0.1:40000-:5555,\
+              guestfwd=tcp:169.254.169.254:80-cmd:/usr/bin/cps relay 127.0.0.1:9"
+            ]
+        );
     }
 
     #[test]
     fn manager_address_is_redirected_to_the_guest_forward() {
         let mut v = vars();
-        let f = redirect_manager(&mut v).unwrap();
+        let f = redirect_manager(&mut v, MANAGER_GUEST_IP).unwrap();
         assert_eq!(v.enroll_url, "https://10.0.2.100:4443/enroll");
         assert_eq!(v.manager_ip, "10.0.2.100");
         assert_eq!(
             f,
             [GuestForward {
+                guest_ip: "10.0.2.100".into(),
                 guest_port: 4443,
                 target: "127.0.0.1:4443".into()
             }]
         );
         let mut v = vars();
         v.enroll_url = "https://0.0.0.0:9/enroll".into();
-        assert_eq!(redirect_manager(&mut v).unwrap()[0].target, "127.0.0.1:9");
+        assert_eq!(
+            redirect_manager(&mut v, MANAGER_GUEST_IP).unwrap()[0].target,
+            "127.0.0.1:9"
+        );
         // the rendered context uses it
         let s = ConfigTree::locate()
             .unwrap()
@@ -707,6 +819,12 @@ mod tests {
         let ini = Ini::parse("[qemu]\nACCEL = tcg\n").unwrap();
         assert!(QemuSettings::from_ini(&ini).is_err(), "IMAGE is required");
         let ini = Ini::parse("[qemu]\nIMAGE = /i\nACCEL = xen\n").unwrap();
+        assert!(QemuSettings::from_ini(&ini).is_err());
+        assert_eq!(s.context, ContextVia::ConfigDrive);
+        let ini = Ini::parse("[qemu]\nIMAGE = /i\nCONTEXT = EC2\n").unwrap();
+        let s = QemuSettings::from_ini(&ini).unwrap().unwrap();
+        assert_eq!(s.context, ContextVia::Ec2);
+        let ini = Ini::parse("[qemu]\nIMAGE = /i\nCONTEXT = cd\n").unwrap();
         assert!(QemuSettings::from_ini(&ini).is_err());
     }
 
@@ -857,6 +975,7 @@ mod tests {
             qemu: fake,
             qemu_img: "qemu-img".into(),
             ssh_keys: vec![],
+            context: ContextVia::ConfigDrive,
         };
         let cloud =
             QemuCloud::new("iaas", settings, "/bin/cps".into(), d.path().join("unused")).unwrap();
@@ -930,6 +1049,7 @@ mod tests {
             qemu: fake,
             qemu_img: "qemu-img".into(),
             ssh_keys: vec![],
+            context: ContextVia::ConfigDrive,
         };
         let cloud = QemuCloud::new("iaas", settings, "/bin/cps".into(), d.path().into()).unwrap();
         let req = NodeRequest {
@@ -976,6 +1096,7 @@ mod tests {
             qemu: "false".into(),
             qemu_img: "qemu-img".into(),
             ssh_keys: vec![],
+            context: ContextVia::ConfigDrive,
         };
         let cloud = QemuCloud::new("iaas", settings, "/bin/cps".into(), d.path().into()).unwrap();
         let e = cloud

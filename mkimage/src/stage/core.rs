@@ -35,12 +35,36 @@ ExecStartPre=/usr/bin/ssh-keygen -A
 ExecStartPre=/usr/sbin/sshd -t
 ";
 
+/// Where a container image takes its contextualization from: a config drive image (ISO 9660,
+/// `config-2`) that the container runtime bind-mounts, e.g.
+/// `systemd-nspawn --bind-ro=cd.iso:/run/cps-context/config-2.iso`.
+pub const CONTAINER_CONFIG_DRIVE: &str = "/run/cps-context/config-2.iso";
+
+/// A container usually shares the host's network: 169.254.169.254 there is the *host's*
+/// metadata service, and there are no block devices to find a config drive by label. So the
+/// container layout reads only the bind-mounted config drive, and skips the unit without one.
+const CONTAINER_CONTEXT_DROPIN: &str = "[Unit]
+ConditionPathExists=/run/cps-context/config-2.iso
+
+[Service]
+ExecStart=
+ExecStart=/usr/local/bin/cps context apply --sources configdrive --config-drive /run/cps-context/config-2.iso
+";
+
+/// In a container sharing the host's network, sshd would listen on the host's port 22; the
+/// container runtime gives shell access instead.
+const CONTAINER_SSH_DROPIN: &str = "[Unit]
+ConditionVirtualization=!container
+";
+
 /// curl: the cloud scripts of the contextualization (config/templates/cloud) query metadata with it.
 pub const PACKAGES: &[&str] = &["openssh-server", "ca-certificates", "curl"];
 
 pub struct Core {
     pub cps_binary: PathBuf,
     pub config_dir: PathBuf,
+    /// Layout `container`: contextualization from a bind-mounted config drive only, no sshd.
+    pub container: bool,
 }
 
 /// Finds the `cps` binary: `MKIMAGE_CPS_BIN`, else next to this executable (cargo
@@ -126,6 +150,7 @@ impl StageOps for Core {
             "config_sha256": digest_tree(&self.config_dir),
             "packages": PACKAGES,
             "context_unit": CONTEXT_UNIT,
+            "container": self.container,
         })
     }
 
@@ -197,6 +222,16 @@ impl StageOps for Core {
             "etc/systemd/system/ssh.service.d/mkimage-host-keys.conf",
             SSH_KEYGEN_DROPIN,
         )?;
+        if self.container {
+            ctx.write_file(
+                "etc/systemd/system/cps-context.service.d/container.conf",
+                CONTAINER_CONTEXT_DROPIN,
+            )?;
+            ctx.write_file(
+                "etc/systemd/system/ssh.service.d/container.conf",
+                CONTAINER_SSH_DROPIN,
+            )?;
+        }
         let wants = ctx.root_path("etc/systemd/system/multi-user.target.wants");
         std::fs::create_dir_all(&wants)?;
         let link = wants.join("cps-context.service");
