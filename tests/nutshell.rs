@@ -37,6 +37,92 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     eprintln!("{what}: after {:.1} s", t.elapsed().as_secs_f64());
 }
 
+/// A booted Nutshell as its owner sees it: forwarded manager and enrolment ports, a
+/// config drive with the user-data, and the owner's certificate once enrolled.
+struct Owner {
+    serial: std::path::PathBuf,
+    opts: mkimage::boot::BootOptions,
+    token: String,
+    enrol_port: u16,
+    mgr_url: String,
+    user: std::path::PathBuf,
+}
+
+impl Owner {
+    fn new(sb: &Sandbox, img: &Path, user_data: &str, token: &str, memory_mib: u32) -> Owner {
+        let ctx = sb.path().join("context");
+        std::fs::create_dir_all(&ctx).unwrap();
+        std::fs::write(ctx.join("user_data"), user_data).unwrap();
+        let data = mkimage::context::InstanceData::from_path(&ctx, "nutshell").unwrap();
+        let iso = sb.path().join("config-2.iso");
+        mkimage::context::make_config_drive(&data, &iso, sb.path()).unwrap();
+        let serial = sb.path().join("nutshell.serial.log");
+        let mut opts = mkimage::boot::BootOptions::new(img, &serial);
+        let (mgr_port, enrol_port) = (
+            mkimage::boot::free_port().unwrap(),
+            mkimage::boot::free_port().unwrap(),
+        );
+        opts.forwards = vec![(mgr_port, 443), (enrol_port, 4443)];
+        opts.extra_drives = vec![iso];
+        opts.memory_mib = memory_mib;
+        opts.timeout = Duration::from_secs(600);
+        Owner {
+            serial,
+            opts,
+            token: token.to_owned(),
+            enrol_port,
+            mgr_url: format!("https://127.0.0.1:{mgr_port}"),
+            user: sb.path().join("user"),
+        }
+    }
+
+    fn client(&self, args: &[&str]) -> Output {
+        let user = self.user.display().to_string();
+        let mut a = vec!["client", "--manager", &self.mgr_url, "--cert-dir", &user];
+        a.extend_from_slice(args);
+        cps(&a)
+    }
+
+    fn state(&self) -> String {
+        String::from_utf8_lossy(&self.client(&["info"]).stdout).into_owned()
+    }
+
+    /// Takes the CA from the console, enrols with the token, starts the service.
+    fn enrol_and_start(&self) {
+        let mut ca = None;
+        wait_until("the CA on the console", Duration::from_secs(300), || {
+            ca = console_ca(&self.serial);
+            ca.is_some()
+        });
+        std::fs::create_dir_all(&self.user).unwrap();
+        let ca_path = self.user.join("console-ca.pem").display().to_string();
+        std::fs::write(&ca_path, ca.unwrap()).unwrap();
+        let url = format!("https://127.0.0.1:{}/enroll", self.enrol_port);
+        let user = self.user.display().to_string();
+        wait_until("the owner's enrolment", Duration::from_secs(120), || {
+            let o = cps(&[
+                "enroll",
+                "--url",
+                &url,
+                "--token",
+                &self.token,
+                "--node-id",
+                "user",
+                "--cert-dir",
+                &user,
+                "--ca",
+                &ca_path,
+            ]);
+            o.status.success()
+        });
+        let o = self.client(&["startup"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        wait_until("RUNNING", Duration::from_secs(120), || {
+            self.state().contains("RUNNING")
+        });
+    }
+}
+
 #[test]
 fn nutshell_with_embedded_container_runs_two_agents_inside() {
     let _g = heavy();
@@ -95,79 +181,25 @@ fn nutshell_with_embedded_container_runs_two_agents_inside() {
 
     // Contextualization: only a one-time token travels in user-data.
     let token = format!("{:x}", std::process::id() as u64 * 7919 + 12345);
-    let ctx = sb.path().join("context");
-    std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::write(
-        ctx.join("user_data"),
-        format!("#!/bin/sh\nmkdir -p /etc/cps\necho {token} > /etc/cps/nutshell-user-token\n"),
-    )
-    .unwrap();
-    let data = mkimage::context::InstanceData::from_path(&ctx, "nutshell").unwrap();
-    let iso = sb.path().join("config-2.iso");
-    mkimage::context::make_config_drive(&data, &iso, sb.path()).unwrap();
-
-    let serial = sb.path().join("nutshell.serial.log");
-    let mut o = mkimage::boot::BootOptions::new(&img, &serial);
-    let (mgr_port, enrol_port) = (
-        mkimage::boot::free_port().unwrap(),
-        mkimage::boot::free_port().unwrap(),
+    let owner = Owner::new(
+        &sb,
+        &img,
+        &format!("#!/bin/sh\nmkdir -p /etc/cps\necho {token} > /etc/cps/nutshell-user-token\n"),
+        &token,
+        1536,
     );
-    o.forwards = vec![(mgr_port, 443), (enrol_port, 4443)];
-    o.extra_drives = vec![iso];
-    o.memory_mib = 1536;
-    o.timeout = Duration::from_secs(600);
-
-    let user = sb.path().join("user");
-    let user_s = user.display().to_string();
-    let mgr_url = format!("https://127.0.0.1:{mgr_port}");
-    let client = |args: &[&str]| {
-        let mut a = vec!["client", "--manager", &mgr_url, "--cert-dir", &user_s];
-        a.extend_from_slice(args);
-        cps(&a)
-    };
-    let state = || String::from_utf8_lossy(&client(&["info"]).stdout).into_owned();
     let mut answers = String::new();
-    let report = mkimage::boot::boot_test_with(&o, |_qemu| {
+    let report = mkimage::boot::boot_test_with(&owner.opts, |_qemu| {
         let t = Instant::now();
-        let mut ca = None;
-        wait_until("the CA on the console", Duration::from_secs(300), || {
-            ca = console_ca(&serial);
-            ca.is_some()
-        });
-        std::fs::create_dir_all(&user).unwrap();
-        let ca_path = user.join("console-ca.pem");
-        std::fs::write(&ca_path, ca.unwrap()).unwrap();
-        let url = format!("https://127.0.0.1:{enrol_port}/enroll");
-        wait_until("the owner's enrolment", Duration::from_secs(120), || {
-            let o = cps(&[
-                "enroll",
-                "--url",
-                &url,
-                "--token",
-                &token,
-                "--node-id",
-                "user",
-                "--cert-dir",
-                &user_s,
-                "--ca",
-                &ca_path.display().to_string(),
-            ]);
-            eprintln!("{}", String::from_utf8_lossy(&o.stderr));
-            o.status.success()
-        });
-        let o = client(&["startup"]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        wait_until("RUNNING", Duration::from_secs(120), || {
-            state().contains("RUNNING")
-        });
-        let o = client(&["add-nodes", "2"]);
+        owner.enrol_and_start();
+        let o = owner.client(&["add-nodes", "2"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         wait_until("two agents in containers", Duration::from_secs(400), || {
-            let s = state();
+            let s = owner.state();
             s.contains("RUNNING") && !s.contains("ADAPTING")
         });
-        answers = String::from_utf8_lossy(&client(&["hello"]).stdout).into_owned();
-        let list = String::from_utf8_lossy(&client(&["list"]).stdout).into_owned();
+        answers = String::from_utf8_lossy(&owner.client(&["hello"]).stdout).into_owned();
+        let list = String::from_utf8_lossy(&owner.client(&["list"]).stdout).into_owned();
         eprintln!("{answers}\n{list}");
         eprintln!(
             "from ready to two container agents answering: {:.1} s",
@@ -250,66 +282,14 @@ fn nutshell_vm(wait_for_agent: bool) {
     assert_clean(sb.path());
 
     let token = format!("{:x}", std::process::id() as u64 * 104729 + 777);
-    let ctx = sb.path().join("context");
-    std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::write(ctx.join("user_data"), vm_user_data(&token)).unwrap();
-    let data = mkimage::context::InstanceData::from_path(&ctx, "nutshell").unwrap();
-    let iso = sb.path().join("config-2.iso");
-    mkimage::context::make_config_drive(&data, &iso, sb.path()).unwrap();
-
-    let serial = sb.path().join("nutshell-vm.serial.log");
-    let mut o = mkimage::boot::BootOptions::new(&img, &serial);
-    let (mgr_port, enrol_port) = (
-        mkimage::boot::free_port().unwrap(),
-        mkimage::boot::free_port().unwrap(),
-    );
-    o.forwards = vec![(mgr_port, 443), (enrol_port, 4443)];
-    o.extra_drives = vec![iso];
-    o.memory_mib = 2048;
-    o.timeout = Duration::from_secs(600);
-
-    let user = sb.path().join("user");
-    let user_s = user.display().to_string();
-    let mgr_url = format!("https://127.0.0.1:{mgr_port}");
-    let client = |args: &[&str]| {
-        let mut a = vec!["client", "--manager", &mgr_url, "--cert-dir", &user_s];
-        a.extend_from_slice(args);
-        cps(&a)
-    };
-    let state = || String::from_utf8_lossy(&client(&["info"]).stdout).into_owned();
+    let owner = Owner::new(&sb, &img, &vm_user_data(&token), &token, 2048);
+    let serial = owner.serial.clone();
+    let client = |args: &[&str]| owner.client(args);
+    let state = || owner.state();
     let mut nested = String::new();
     let mut answers = String::new();
-    mkimage::boot::boot_test_with(&o, |_qemu| {
-        let mut ca = None;
-        wait_until("the CA on the console", Duration::from_secs(300), || {
-            ca = console_ca(&serial);
-            ca.is_some()
-        });
-        std::fs::create_dir_all(&user).unwrap();
-        let ca_path = user.join("console-ca.pem");
-        std::fs::write(&ca_path, ca.unwrap()).unwrap();
-        let url = format!("https://127.0.0.1:{enrol_port}/enroll");
-        wait_until("the owner's enrolment", Duration::from_secs(120), || {
-            cps(&[
-                "enroll",
-                "--url",
-                &url,
-                "--token",
-                &token,
-                "--node-id",
-                "user",
-                "--cert-dir",
-                &user_s,
-                "--ca",
-                &ca_path.display().to_string(),
-            ])
-            .status
-            .success()
-        });
-        assert!(client(&["startup"]).status.success());
-        wait_until("RUNNING", Duration::from_secs(120), || {
-            state().contains("RUNNING")
-        });
+    mkimage::boot::boot_test_with(&owner.opts, |_qemu| {
+        owner.enrol_and_start();
         assert!(client(&["add-nodes", "1"]).status.success());
         wait_until(
             "the nested agent VM on the console",
