@@ -132,3 +132,35 @@ fn schema_is_json_and_verify_rejects_malformed_digests() {
     let out = run(mkimage().arg("verify").arg(f.path()).args(["--md5", "xyz"]));
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The original's four `[NUTSHELL]` flag cases each plan the build they stand for
+/// (the builds themselves are run by build_boot, agent_vm and nutshell).
+#[test]
+fn the_four_legacy_nutshell_flag_cases_plan_their_layouts() {
+    for (cfg, expect, embedded) in [
+        ("cfg/good/vm.cfg", "(Disk layout", None),
+        ("cfg/good/container.cfg", "(Container layout", None),
+        (
+            "cfg/good/nutshell-container.cfg",
+            "Plan for nutshell.img (Nutshell layout",
+            Some("embedded container image"),
+        ),
+        (
+            "cfg/good/nutshell-vm.cfg",
+            "Plan for nutshell.img (Nutshell layout",
+            Some("embedded VM image"),
+        ),
+    ] {
+        let out = run(mkimage().arg("plan").arg("--config").arg(fixture(cfg)));
+        assert!(out.status.success(), "{cfg}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(expect), "{cfg}: {text}");
+        match embedded {
+            Some(e) => {
+                assert!(text.contains(e), "{cfg}: {text}");
+                assert!(text.contains("nutshell     ["), "{cfg}: {text}");
+            }
+            None => assert!(!text.contains("embedded"), "{cfg}: {text}"),
+        }
+    }
+}
