@@ -165,9 +165,8 @@ fn qemu_cloud(root: &Path, image: &Path, extra: &str) -> String {
     )
 }
 
-/// CA, manager and user certificates under `root`, and a `cps manager` for a helloworld
-/// service saying `hello`; `cloud` ends its `[manager]` section (`CLOUD = …` and more).
-fn start_manager(root: &Path, hello: &str, cloud: &str) -> Mgr {
+/// A CA (`root/ca`) and the manager's (`mgr`) and user's (`user`) certificates.
+fn issue_pki(root: &Path) {
     let p = |s: &str| root.join(s).display().to_string();
     cps_ok(&["ca", "init", "--dir", &p("ca")]);
     for (role, out) in [("manager", "mgr"), ("user", "user")] {
@@ -186,6 +185,13 @@ fn start_manager(root: &Path, hello: &str, cloud: &str) -> Mgr {
             &p(out),
         ]);
     }
+}
+
+/// CA, manager and user certificates under `root`, and a `cps manager` for a helloworld
+/// service saying `hello`; `cloud` ends its `[manager]` section (`CLOUD = …` and more).
+fn start_manager(root: &Path, hello: &str, cloud: &str) -> Mgr {
+    let p = |s: &str| root.join(s).display().to_string();
+    issue_pki(root);
     let cfg = format!(
         "[manager]\nTYPE = helloworld\nUSER_ID = 1\nAPP_ID = 2\nBIND = 127.0.0.1\nMY_IP = 127.0.0.1\n\
          PORT = 0\nENROLL_PORT = 0\nLOG_FILE = {}\nCERT_DIR = {}\nCA_DIR = {}\nVAR_RUN = {}\n\
@@ -339,23 +345,7 @@ fn manager_exit_kills_its_vms() {
     let image = root.join("blank.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let p = |s: &str| root.join(s).display().to_string();
-    cps_ok(&["ca", "init", "--dir", &p("ca")]);
-    for (role, out) in [("manager", "mgr"), ("user", "user")] {
-        cps_ok(&[
-            "ca",
-            "issue",
-            "--dir",
-            &p("ca"),
-            "--role",
-            role,
-            "--uid",
-            "1",
-            "--app",
-            "2",
-            "--out",
-            &p(out),
-        ]);
-    }
+    issue_pki(&root);
     let cfg = format!(
         "[manager]\nUSER_ID = 1\nAPP_ID = 2\nBIND = 127.0.0.1\nPORT = 0\nENROLL_PORT = 0\n\
          LOG_FILE = {}\nCERT_DIR = {}\nCA_DIR = {}\nVAR_RUN = {}\nVAR_CACHE = {}\nCONFIG_DIR = {}\n\

@@ -165,7 +165,11 @@ fn interrupt(
         match rx.recv_timeout(Duration::from_secs(600)) {
             Ok(line) if line.contains(&start_marker) && !line.contains("cache hit") => break,
             Ok(_) => {}
-            Err(e) => panic!("{stage}/{sig}: the stage never started ({e:?})"),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{stage}/{sig}: the stage never started ({e:?})")
+            }
         }
     }
     let delay = rng.millis(kill_window_ms(stage));

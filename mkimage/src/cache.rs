@@ -55,6 +55,20 @@ fn now_secs() -> u64 {
 
 type Lock = nix::fcntl::Flock<std::fs::File>;
 
+/// (device, inode) of a file in the cache.
+type Inode = (u64, u64);
+
+/// What one walk over the cache found (see [`Cache::scan_inodes`]).
+struct Scan {
+    /// Least recently used first.
+    infos: Vec<EntryInfo>,
+    /// The inodes of each entry, in the order of `infos`.
+    files_of: Vec<Vec<Inode>>,
+    /// Bytes of each inode, and how many entries hold it.
+    inodes: std::collections::HashMap<Inode, (u64, usize)>,
+    total: u64,
+}
+
 impl Cache {
     pub fn new(dir: &Path) -> Cache {
         Cache {
@@ -170,19 +184,27 @@ impl Cache {
     }
 
     fn scan(&self) -> anyhow::Result<(Vec<EntryInfo>, u64)> {
+        let s = self.scan_inodes()?;
+        Ok((s.infos, s.total))
+    }
+
+    /// One walk over every complete entry: its info, and the inodes it holds (layers
+    /// share files through hard links, so sizes are counted per inode).
+    fn scan_inodes(&self) -> anyhow::Result<Scan> {
         use std::collections::HashMap;
         use std::os::unix::fs::MetadataExt;
         let mut infos = Vec::new();
-        // inode -> (bytes, entries referencing it)
-        let mut inodes: HashMap<(u64, u64), (u64, Vec<usize>)> = HashMap::new();
-        let Ok(rd) = std::fs::read_dir(&self.dir) else {
-            return Ok((infos, 0));
+        let mut files_of: Vec<Vec<Inode>> = Vec::new();
+        // inode -> (bytes, how many entries hold it)
+        let mut inodes: HashMap<Inode, (u64, usize)> = HashMap::new();
+        let mut dirs: Vec<PathBuf> = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join("COMPLETE").exists())
+                .collect(),
+            Err(_) => Vec::new(),
         };
-        let mut dirs: Vec<PathBuf> = rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.join("COMPLETE").exists())
-            .collect();
         dirs.sort();
         for dir in dirs {
             let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
@@ -201,19 +223,20 @@ impl Cache {
                 .unwrap_or(0);
             let created = read("CREATED").trim().parse().unwrap_or(mtime);
             let last_used = read("LAST_USED").trim().parse().unwrap_or(created);
-            let idx = infos.len();
             let mut bytes = 0;
+            let mut own = std::collections::HashSet::new();
             for item in walk(&dir) {
                 let Ok(m) = std::fs::symlink_metadata(&item) else {
                     continue;
                 };
                 let b = m.blocks() * 512;
                 bytes += b;
-                let refs = inodes.entry((m.dev(), m.ino())).or_insert((b, Vec::new()));
-                if refs.1.last() != Some(&idx) {
-                    refs.1.push(idx);
+                let id = (m.dev(), m.ino());
+                if own.insert(id) {
+                    inodes.entry(id).or_insert((b, 0)).1 += 1;
                 }
             }
+            files_of.push(own.into_iter().collect());
             infos.push(EntryInfo {
                 name,
                 stage,
@@ -224,15 +247,25 @@ impl Cache {
                 exclusive_bytes: 0,
             });
         }
-        let mut total = 0;
-        for (b, refs) in inodes.values() {
-            total += b;
-            if let [only] = refs.as_slice() {
-                infos[*only].exclusive_bytes += b;
-            }
+        for (info, files) in infos.iter_mut().zip(&files_of) {
+            info.exclusive_bytes = files
+                .iter()
+                .filter_map(|id| inodes.get(id))
+                .filter(|(_, holders)| *holders == 1)
+                .map(|(b, _)| b)
+                .sum();
         }
-        infos.sort_by_key(|i| (i.last_used, i.created));
-        Ok((infos, total))
+        let total = inodes.values().map(|(b, _)| b).sum();
+        // Least recently used first.
+        let mut entries: Vec<(EntryInfo, Vec<Inode>)> = infos.into_iter().zip(files_of).collect();
+        entries.sort_by_key(|(i, _)| (i.last_used, i.created));
+        let (infos, files_of) = entries.into_iter().unzip();
+        Ok(Scan {
+            infos,
+            files_of,
+            inodes,
+            total,
+        })
     }
 
     /// Removes least recently used entries until the cache holds at most
@@ -243,34 +276,20 @@ impl Cache {
         if !dry_run {
             self.remove_dead_temps();
         }
-        let (infos, mut total) = self.scan()?;
-        // Recompute what each removal frees: an inode is freed when the last entry
-        // referencing it goes.
-        use std::collections::HashMap;
-        use std::os::unix::fs::MetadataExt;
-        let mut refcount: HashMap<(u64, u64), (u64, usize)> = HashMap::new();
-        let mut files_of: Vec<Vec<(u64, u64)>> = Vec::new();
-        for info in &infos {
-            let mut own = Vec::new();
-            for item in walk(&self.dir.join(&info.name)) {
-                if let Ok(m) = std::fs::symlink_metadata(&item) {
-                    let id = (m.dev(), m.ino());
-                    let e = refcount.entry(id).or_insert((m.blocks() * 512, 0));
-                    if !own.contains(&id) {
-                        e.1 += 1;
-                        own.push(id);
-                    }
-                }
-            }
-            files_of.push(own);
-        }
+        let Scan {
+            infos,
+            files_of,
+            mut inodes,
+            mut total,
+        } = self.scan_inodes()?;
         let mut removed = Vec::new();
         for (info, files) in infos.into_iter().zip(files_of) {
             if total <= max_bytes {
                 break;
             }
+            // An inode is freed when the last entry holding it goes.
             for id in files {
-                if let Some(e) = refcount.get_mut(&id) {
+                if let Some(e) = inodes.get_mut(&id) {
                     e.1 -= 1;
                     if e.1 == 0 {
                         total = total.saturating_sub(e.0);

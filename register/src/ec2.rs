@@ -230,7 +230,7 @@ pub async fn clients(opts: &Ec2Options) -> Result<Clients, RegisterError> {
 }
 
 /// Formats an SDK error with its whole cause chain.
-fn sdk<E: std::error::Error>(call: &str, e: E) -> RegisterError {
+pub(crate) fn sdk<E: std::error::Error>(call: &str, e: E) -> RegisterError {
     RegisterError::api(call, aws_sdk_ec2::error::DisplayErrorContext(&e))
 }
 

@@ -7,7 +7,7 @@
 //! — by the build-id tag and key it carries, since its id is not known before it
 //! exists — and delete it with [`release`].
 
-use crate::ec2::{clients, Ec2Options};
+use crate::ec2::{clients, sdk, Ec2Options};
 use crate::{RegisterError, BUILD_ID_TAG};
 use aws_sdk_ec2::types::Filter;
 use serde::{Deserialize, Serialize};
@@ -70,7 +70,6 @@ pub async fn release(r: &CloudResource, dry_run: bool) -> Result<String, Registe
         ..Ec2Options::default()
     };
     let c = clients(&opts).await?;
-    let api = |call: &'static str| move |e: String| RegisterError::api(call, e);
     match r.kind.as_str() {
         "ec2-snapshot" => {
             let snaps = c
@@ -85,7 +84,7 @@ pub async fn release(r: &CloudResource, dry_run: bool) -> Result<String, Registe
                 )
                 .send()
                 .await
-                .map_err(|e| api("DescribeSnapshots")(e.to_string()))?;
+                .map_err(|e| sdk("DescribeSnapshots", e))?;
             let mut done = Vec::new();
             for s in snaps.snapshots() {
                 let Some(id) = s.snapshot_id() else { continue };
@@ -101,7 +100,7 @@ pub async fn release(r: &CloudResource, dry_run: bool) -> Result<String, Registe
                     )
                     .send()
                     .await
-                    .map_err(|e| api("DescribeImages")(e.to_string()))?;
+                    .map_err(|e| sdk("DescribeImages", e))?;
                 if !used.images().is_empty() {
                     done.push(format!("{id} kept (an AMI uses it)"));
                     continue;
@@ -112,7 +111,7 @@ pub async fn release(r: &CloudResource, dry_run: bool) -> Result<String, Registe
                         .snapshot_id(id)
                         .send()
                         .await
-                        .map_err(|e| api("DeleteSnapshot")(e.to_string()))?;
+                        .map_err(|e| sdk("DeleteSnapshot", e))?;
                 }
                 done.push(format!(
                     "{} {id}",
@@ -135,7 +134,7 @@ pub async fn release(r: &CloudResource, dry_run: bool) -> Result<String, Registe
                     .prefix(k)
                     .send()
                     .await
-                    .map_err(|e| api("ListMultipartUploads")(e.to_string()))?;
+                    .map_err(|e| sdk("ListMultipartUploads", e))?;
             let mut n = 0;
             for u in ups.uploads() {
                 if u.key() != Some(k.as_str()) {
@@ -148,7 +147,7 @@ pub async fn release(r: &CloudResource, dry_run: bool) -> Result<String, Registe
                         .upload_id(id)
                         .send()
                         .await
-                        .map_err(|e| api("AbortMultipartUpload")(e.to_string()))?;
+                        .map_err(|e| sdk("AbortMultipartUpload", e))?;
                 }
                 n += 1;
             }
@@ -169,7 +168,7 @@ pub async fn release(r: &CloudResource, dry_run: bool) -> Result<String, Registe
                 .key(k)
                 .send()
                 .await
-                .map_err(|e| api("DeleteObject")(e.to_string()))?;
+                .map_err(|e| sdk("DeleteObject", e))?;
             Ok("deleted the object".into())
         }
         other => Ok(format!("unknown kind {other}; left alone")),
