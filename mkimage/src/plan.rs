@@ -126,6 +126,23 @@ pub fn base_packages(recipe: &Recipe) -> Vec<String> {
     p
 }
 
+/// What the `debootstrap` stage installs: the base set plus the packages of the
+/// stages every image of this layout has (the kernel's, the runtime's). One apt
+/// transaction for all of them is much faster than one per stage (one dependency
+/// solve, one download, one dpkg run), and those packages change with the tool, not
+/// with the recipe's services, so a service change still reuses the base layer.
+pub fn hoisted_packages(recipe: &Recipe, kernel: Option<&str>) -> Vec<String> {
+    let mut p = base_packages(recipe);
+    p.extend(stage::core::PACKAGES.iter().map(|s| s.to_string()));
+    if let Some(k) = kernel {
+        p.push(k.to_owned());
+        p.push("initramfs-tools".into());
+    }
+    p.sort();
+    p.dedup();
+    p
+}
+
 /// Packages pruning keeps (with their dependency closure): the base set, the
 /// runtime's, the kernel, and every enabled service's packages and keep-list.
 pub fn prune_roots(recipe: &Recipe) -> Vec<String> {
@@ -148,26 +165,28 @@ pub fn prune_roots(recipe: &Recipe) -> Vec<String> {
 
 /// The ordered stages for a recipe. Fails only when a service has no valid recipe.
 pub fn stages(recipe: &Recipe) -> Result<Vec<Stage>, crate::service::ServiceError> {
+    let bootable = recipe.layout != Layout::Container;
+    let kernel_package = recipe
+        .kernel
+        .clone()
+        .unwrap_or_else(|| crate::recipe::default_kernel_package(recipe));
     let mut s = vec![
         Stage::Debootstrap(stage::debootstrap::Debootstrap {
             dist: recipe.dist.clone(),
             arch: recipe.arch.debian().to_string(),
             mirror: recipe.mirror.clone(),
             variant: "minbase".into(),
-            packages: base_packages(recipe),
+            packages: hoisted_packages(recipe, bootable.then_some(kernel_package.as_str())),
+            defer_initramfs: bootable,
         }),
         Stage::System(stage::system::System {
             hostname: recipe.hostname.clone(),
             locale: "en_US.UTF-8".into(),
         }),
     ];
-    let bootable = recipe.layout != Layout::Container;
     if bootable {
         s.push(Stage::Kernel(stage::kernel::Kernel {
-            package: recipe
-                .kernel
-                .clone()
-                .unwrap_or_else(|| crate::recipe::default_kernel_package(recipe)),
+            package: kernel_package,
         }));
     }
     s.push(Stage::Core(stage::core::Core {

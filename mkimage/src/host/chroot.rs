@@ -35,6 +35,31 @@ enum Restore {
     Absent,
 }
 
+/// Those of `packages` that the tree's dpkg database does not list as installed
+/// (a virtual or arch-qualified name counts as missing: apt resolves it).
+pub fn missing_packages(root: &Path, packages: &[String]) -> Vec<String> {
+    let status = std::fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap_or_default();
+    let installed: std::collections::HashSet<&str> = status
+        .split("\n\n")
+        .filter(|stanza| {
+            stanza
+                .lines()
+                .any(|l| l.trim_end() == "Status: install ok installed")
+        })
+        .filter_map(|stanza| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix("Package: "))
+                .map(str::trim)
+        })
+        .collect();
+    packages
+        .iter()
+        .filter(|p| !installed.contains(p.as_str()))
+        .cloned()
+        .collect()
+}
+
 impl ChrootSession {
     /// Binds /dev, /dev/pts, mounts /proc and /sys, installs policy-rc.d and the
     /// host's resolv.conf (so apt can resolve the mirror).
@@ -143,6 +168,10 @@ impl ChrootSession {
                 "--no-install-recommends",
                 "-o",
                 "Dpkg::Use-Pty=0",
+                // The tree is synced once, when the image is written: dpkg's fsync per
+                // file only slows the install down (as mmdebstrap does for the base).
+                "-o",
+                "Dpkg::Options::=--force-unsafe-io",
                 "install",
             ])
             .args(packages)

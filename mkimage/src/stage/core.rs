@@ -173,8 +173,14 @@ impl StageOps for Core {
     fn run(&self, ctx: &mut Ctx) -> StageResult {
         let chroot = ChrootSession::enter(&ctx.rootfs)?;
         super::fail_point("core")?;
-        chroot.cmd("apt-get").args(["-q", "update"]).run()?;
-        chroot.apt_install(&PACKAGES.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        // Normally installed with the base (plan::stages hoists them); a tree from
+        // elsewhere gets them here.
+        let wanted: Vec<String> = PACKAGES.iter().map(|s| s.to_string()).collect();
+        let missing = crate::host::chroot::missing_packages(&ctx.rootfs, &wanted);
+        if !missing.is_empty() {
+            chroot.cmd("apt-get").args(["-q", "update"]).run()?;
+            chroot.apt_install(&missing)?;
+        }
         // Host keys made by openssh-server's postinst would be shared by every
         // instance of the image: remove them, they are made at first boot.
         for e in std::fs::read_dir(ctx.root_path("etc/ssh"))?.flatten() {

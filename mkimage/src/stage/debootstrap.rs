@@ -6,7 +6,7 @@
 //! architecture, mirror, variant and package set.
 
 use super::{Ctx, StageOps, StageResult};
-use crate::host::{fsutil, Cmd};
+use crate::host::{fsutil, ChrootSession, Cmd};
 use serde_json::json;
 
 /// Packages every image needs on top of minbase: an init, device manager, locales,
@@ -25,7 +25,26 @@ pub struct Debootstrap {
     pub arch: String,
     pub mirror: String,
     pub variant: String,
+    /// Every package the tree needs: the base set and those later stages hoist into
+    /// this one apt transaction (the kernel's, the runtime's), see `plan::stages`.
     pub packages: Vec<String>,
+    /// The kernel is among `packages`: divert `update-initramfs` while they install,
+    /// so the initramfs is made once, by the `kernel` stage, instead of twice (once by
+    /// the kernel's postinst and once more by the initramfs-tools trigger).
+    pub defer_initramfs: bool,
+}
+
+/// Where the real `update-initramfs` waits while a stub stands in for it.
+pub const DIVERTED_UPDATE_INITRAMFS: &str = "/usr/sbin/update-initramfs.mkimage";
+
+/// Shell run in the chroot at `$1` before the kernel's packages are unpacked.
+fn divert_update_initramfs_hook() -> String {
+    format!(
+        "chroot \"$1\" dpkg-divert --quiet --local --rename --divert {DIVERTED_UPDATE_INITRAMFS} --add /usr/sbin/update-initramfs \
+         && mkdir -p \"$1/usr/sbin\" \
+         && printf '#!/bin/sh\\n# mkimage: the kernel stage makes the initramfs once\\nexit 0\\n' > \"$1/usr/sbin/update-initramfs\" \
+         && chmod 755 \"$1/usr/sbin/update-initramfs\""
+    )
 }
 
 impl Debootstrap {
@@ -73,6 +92,7 @@ impl StageOps for Debootstrap {
             "mirror": self.mirror.trim_end_matches('/'),
             "variant": self.variant,
             "packages": pkgs,
+            "defer_initramfs": self.defer_initramfs,
         })
     }
 
@@ -88,7 +108,7 @@ impl StageOps for Debootstrap {
     }
 
     fn run(&self, ctx: &mut Ctx) -> StageResult {
-        let target = &ctx.rootfs;
+        let target = &ctx.rootfs.clone();
         if target.exists() {
             fsutil::remove_tree(target)?;
         }
@@ -104,18 +124,40 @@ impl StageOps for Debootstrap {
             if !include.is_empty() {
                 c = c.arg(format!("--include={include}"));
             }
+            if self.defer_initramfs {
+                c = c.arg(format!(
+                    "--essential-hook={}",
+                    divert_update_initramfs_hook()
+                ));
+            }
             c.arg(&self.dist)
                 .arg(target)
                 .arg(format!("deb {} {} main", self.mirror, self.dist))
                 .run()?;
         } else {
-            let mut c = Cmd::new("debootstrap")
+            // debootstrap has no hooks: the base first, then the rest with apt, the
+            // initramfs diverted the same way.
+            Cmd::new("debootstrap")
                 .arg(format!("--variant={}", self.variant))
-                .arg(format!("--arch={}", self.arch));
-            if !include.is_empty() {
-                c = c.arg(format!("--include={include}"));
+                .arg(format!("--arch={}", self.arch))
+                .arg(&self.dist)
+                .arg(target)
+                .arg(&self.mirror)
+                .run()?;
+            ctx.write_file(
+                "etc/apt/sources.list",
+                &format!("deb {} {} main\n", self.mirror, self.dist),
+            )?;
+            if self.defer_initramfs {
+                Cmd::new("sh")
+                    .args(["-e", "-c", &divert_update_initramfs_hook(), "sh"])
+                    .arg(target)
+                    .run()?;
             }
-            c.arg(&self.dist).arg(target).arg(&self.mirror).run()?;
+            let chroot = ChrootSession::enter(target)?;
+            chroot.cmd("apt-get").args(["-q", "update"]).run()?;
+            chroot.apt_install(&self.packages)?;
+            chroot.exit()?;
         }
         super::fail_point("debootstrap")?;
         // Both engines leave sources naming the mirror; make it explicit and the same.

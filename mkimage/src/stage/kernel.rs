@@ -1,4 +1,9 @@
-//! Stage `kernel`: installs the kernel and initramfs inside the image with apt.
+//! Stage `kernel`: the kernel and its initramfs.
+//!
+//! The kernel's packages are normally installed by the `debootstrap` stage, in the same
+//! apt transaction as the base (one download, one dpkg run), with `update-initramfs`
+//! diverted; this stage puts `update-initramfs` back and makes the initramfs once. A
+//! tree without the kernel (a base from elsewhere) gets it installed here with apt.
 
 use super::{Ctx, StageOps, StageResult};
 use crate::host::ChrootSession;
@@ -30,7 +35,7 @@ impl StageOps for Kernel {
     }
 
     fn describe(&self) -> String {
-        format!("apt-get install {} initramfs-tools", self.package)
+        format!("{} and its initramfs (made once)", self.package)
     }
 
     fn inputs(&self) -> serde_json::Value {
@@ -46,15 +51,39 @@ impl StageOps for Kernel {
     fn run(&self, ctx: &mut Ctx) -> StageResult {
         let chroot = ChrootSession::enter(&ctx.rootfs)?;
         super::fail_point("kernel")?;
-        chroot.cmd("apt-get").args(["-q", "update"]).run()?;
-        chroot.apt_install(&[self.package.clone(), "initramfs-tools".into()])?;
-        chroot.exit()?;
+        let wanted = [self.package.clone(), "initramfs-tools".into()];
+        let missing = crate::host::chroot::missing_packages(&ctx.rootfs, &wanted);
+        if !missing.is_empty() {
+            chroot.cmd("apt-get").args(["-q", "update"]).run()?;
+            chroot.apt_install(&missing)?;
+        }
+        let diverted = ctx.root_path(
+            crate::stage::debootstrap::DIVERTED_UPDATE_INITRAMFS.trim_start_matches('/'),
+        );
+        if diverted.exists() {
+            std::fs::remove_file(ctx.root_path("usr/sbin/update-initramfs"))?;
+            chroot
+                .cmd("dpkg-divert")
+                .args(["--quiet", "--local", "--rename", "--remove"])
+                .arg("/usr/sbin/update-initramfs")
+                .run()?;
+        }
         let version = installed_kernel_version(&ctx.rootfs).ok_or_else(|| {
             anyhow::anyhow!(
                 "no /boot/vmlinuz-* in the image after installing {}",
                 self.package
             )
         })?;
+        if !ctx
+            .root_path(&format!("boot/initrd.img-{version}"))
+            .exists()
+        {
+            chroot
+                .cmd("update-initramfs")
+                .args(["-c", "-k", &version])
+                .run()?;
+        }
+        chroot.exit()?;
         if !ctx
             .root_path(&format!("boot/initrd.img-{version}"))
             .exists()

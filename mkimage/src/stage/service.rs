@@ -74,9 +74,10 @@ impl StageOps for Service {
         }
         let chroot = ChrootSession::enter(&ctx.rootfs)?;
         super::fail_point(&self.name())?;
-        if !r.packages.is_empty() {
+        let missing = crate::host::chroot::missing_packages(&ctx.rootfs, &r.packages);
+        if !missing.is_empty() {
             chroot.cmd("apt-get").args(["-q", "update"]).run()?;
-            chroot.apt_install(&r.packages)?;
+            chroot.apt_install(&missing)?;
         }
         for f in &r.files {
             ctx.write_file(&f.path, &f.content)?;
