@@ -5,8 +5,8 @@
 use crate::manifest::Manifest;
 use md5::Md5;
 use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Digests {
@@ -15,62 +15,94 @@ pub struct Digests {
     pub bytes: u64,
 }
 
+/// A piece of the file for the hashers: `len` bytes at the start of `buf`.
+type Piece = (Arc<Vec<u8>>, usize);
+
 /// Reads `path` once, computing both digests. `progress` gets the bytes read so far.
 ///
 /// The file is read in 4 MiB chunks by this thread while MD5 and SHA-256 run on one
 /// thread each: the two hashes together cost more CPU than the read, so on a
-/// multi-core host this is close to the speed of the slower hash alone.
+/// multi-core host this is close to the speed of the slower hash alone. Chunk buffers
+/// are reused once both hashers are done with them, and the holes of a sparse image
+/// (most of a fresh disk image) are not read at all: the hashers get a shared buffer
+/// of zeros instead. That leaves the second core to SHA-256 and the writeback.
 pub fn digest_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Result<Digests> {
+    use std::os::unix::fs::FileExt;
     use std::sync::mpsc::sync_channel;
-    use std::sync::Arc;
     const CHUNK: usize = 4 << 20;
-    let mut f = std::fs::File::open(path)?;
-    let (md5_tx, md5_rx) = sync_channel::<Arc<Vec<u8>>>(4);
-    let (sha_tx, sha_rx) = sync_channel::<Arc<Vec<u8>>>(4);
+    let f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let (md5_tx, md5_rx) = sync_channel::<Piece>(4);
+    let (sha_tx, sha_rx) = sync_channel::<Piece>(4);
     let md5_thread = std::thread::spawn(move || {
         let mut h = Md5::new();
-        for chunk in md5_rx {
-            h.update(&chunk[..]);
+        for (buf, n) in md5_rx {
+            h.update(&buf[..n]);
         }
         hex::encode(h.finalize())
     });
     let sha_thread = std::thread::spawn(move || {
         let mut h = Sha256::new();
-        for chunk in sha_rx {
-            h.update(&chunk[..]);
+        for (buf, n) in sha_rx {
+            h.update(&buf[..n]);
         }
         hex::encode(h.finalize())
     });
+    let zeros: Arc<Vec<u8>> = Arc::new(vec![0u8; CHUNK]);
+    let mut pool: Vec<Arc<Vec<u8>>> = Vec::new();
     let mut total = 0u64;
-    let read_result = (|| {
-        loop {
-            let mut buf = vec![0u8; CHUNK];
-            let mut filled = 0;
-            while filled < CHUNK {
-                let n = f.read(&mut buf[filled..])?;
-                if n == 0 {
-                    break;
+    let mut send = |piece: Piece, total: &mut u64| -> std::io::Result<()> {
+        *total += piece.1 as u64;
+        // A send fails only if a hasher thread died; its join below reports it.
+        let _ = md5_tx.send(piece.clone());
+        let _ = sha_tx.send(piece);
+        progress(*total);
+        if crate::host::signals::interrupted() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "interrupted",
+            ));
+        }
+        Ok(())
+    };
+    let read_result = (|| -> std::io::Result<()> {
+        let mut pos = 0u64;
+        while pos < len {
+            let (data, hole) = data_extent(&f, pos, len);
+            // Zeros up to the next data, without reading them.
+            while pos < data {
+                let n = (data - pos).min(CHUNK as u64) as usize;
+                send((zeros.clone(), n), &mut total)?;
+                pos += n as u64;
+            }
+            while pos < hole {
+                // A buffer no hasher holds any more, or a new one.
+                let mut buf = match pool.iter().position(|b| Arc::strong_count(b) == 1) {
+                    Some(i) => pool.swap_remove(i),
+                    None => Arc::new(vec![0u8; CHUNK]),
+                };
+                let want = (hole - pos).min(CHUNK as u64) as usize;
+                let b = Arc::get_mut(&mut buf).expect("a pooled buffer is not shared");
+                let mut filled = 0;
+                while filled < want {
+                    let n = f.read_at(&mut b[filled..want], pos + filled as u64)?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
                 }
-                filled += n;
-            }
-            if filled == 0 {
-                return Ok(());
-            }
-            buf.truncate(filled);
-            let chunk = Arc::new(buf);
-            // A send fails only if a hasher thread died; its join below reports it.
-            let _ = md5_tx.send(chunk.clone());
-            let _ = sha_tx.send(chunk);
-            total += filled as u64;
-            progress(total);
-            if crate::host::signals::interrupted() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::Interrupted,
-                    "interrupted",
-                ));
+                if filled == 0 {
+                    // The file shrank under us: hash what there was.
+                    return Ok(());
+                }
+                pool.push(buf.clone());
+                send((buf, filled), &mut total)?;
+                pos += filled as u64;
             }
         }
+        Ok(())
     })();
+    drop(send);
     drop(md5_tx);
     drop(sha_tx);
     let md5 = md5_thread
@@ -85,6 +117,24 @@ pub fn digest_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Resul
         sha256,
         bytes: total,
     })
+}
+
+/// The next data extent at or after `pos`: `(start, end)`; `(len, len)` when only a
+/// hole is left. Where the filesystem cannot tell, all of the rest is data.
+fn data_extent(f: &std::fs::File, pos: u64, len: u64) -> (u64, u64) {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let data = match lseek(fd, pos as i64, Whence::SeekData) {
+        Ok(d) => (d as u64).min(len),
+        Err(nix::errno::Errno::ENXIO) => return (len, len),
+        Err(_) => return (pos, len),
+    };
+    let hole = match lseek(fd, data as i64, Whence::SeekHole) {
+        Ok(h) => (h as u64).min(len),
+        Err(_) => len,
+    };
+    (data, hole.max(data))
 }
 
 /// Adds or replaces the line for `file` in a coreutils-format sums file (`HEX  NAME`).
