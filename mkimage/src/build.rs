@@ -221,7 +221,9 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
             e.disk.clone()
         };
     }
-    let stages = run_stages(
+    // Declared after `work_guard`, so on an early return `layers` is dropped (the
+    // overlays unmounted) before the work directory is removed.
+    let (stages, layers) = run_stages(
         &planned,
         &mut ctx,
         embedded_ctx.as_mut(),
@@ -285,7 +287,17 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
     all.extend(outputs);
     let mut artefacts = Vec::new();
     for (p, fmt) in &all {
-        let d = crate::verify::digest_file(p.path(), |_| {})
+        // The image must reach the disk before it is renamed into place; writing it back
+        // while it is hashed (it is read from the page cache) takes that off the wall time,
+        // and the commit's own fsync then finds little left to do.
+        let path = p.path().to_owned();
+        let writeback = std::thread::spawn(move || fsutil::sync_file(&path));
+        let d = crate::verify::digest_file(p.path(), |_| {});
+        let synced = writeback
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("writeback thread panicked")));
+        let d = d
+            .and_then(|d| synced.map(|_| d))
             .map_err(|e| stage_err("output", e.into()))?;
         let (size, allocated) =
             fsutil::sizes(p.path()).map_err(|e| stage_err("output", e.into()))?;
@@ -333,6 +345,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
             })
             .map_err(|e| stage_err("output", e.into()))?;
     }
+    drop(layers);
     drop(work_guard);
     let seconds = started.elapsed().as_secs_f64();
     for a in &artefacts {
@@ -360,6 +373,18 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
     })
 }
 
+/// Whether a stage that ran for `seconds` is worth a cache layer. Storing a layer walks
+/// the whole tree (about a second for a minimal image), and a later build restores the
+/// layer before it anyway: a stage quicker than that is cheaper to run again than to
+/// store. `MKIMAGE_CACHE_MIN_SECONDS` (default 2) sets the bar; 0 stores every layer.
+fn worth_storing(seconds: f64) -> bool {
+    let min = std::env::var("MKIMAGE_CACHE_MIN_SECONDS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(2.0);
+    seconds >= min
+}
+
 fn run_stages<'r>(
     planned: &[Planned],
     ctx: &mut Ctx<'r>,
@@ -367,7 +392,7 @@ fn run_stages<'r>(
     cache: &Cache,
     opts: &BuildOptions,
     log_path: &Path,
-) -> Result<Vec<StageRecord>, BuildError> {
+) -> Result<(Vec<StageRecord>, Vec<crate::cache::LayerMount>), BuildError> {
     let fail = |stage: &str, source: anyhow::Error| {
         if signals::interrupted() {
             BuildError::Interrupted {
@@ -411,6 +436,8 @@ fn run_stages<'r>(
             && (i > start_image || (i == start_image && !p.cached))
     });
     let mut records = Vec::new();
+    // The restored layers: mounted as the trees until the build ends.
+    let mut layers = Vec::new();
     let n = planned.len();
     // The last cache layer each tree matches: the next layer hard-links to it.
     let mut parent_layer: [Option<(String, String)>; 2] = [None, None];
@@ -428,7 +455,7 @@ fn run_stages<'r>(
             // Covered by a later cache entry; its fail point still counts, so a test can
             // inject a failure into every stage whatever the cache holds.
             crate::stage::fail_point(&name).map_err(|e| fail(&shown, e))?;
-            if ops.cacheable() {
+            if ops.cacheable() && cache.contains(&name, &p.key) {
                 parent_layer[slot] = Some((name.clone(), p.key.clone()));
             }
             records.push(StageRecord {
@@ -452,7 +479,8 @@ fn run_stages<'r>(
         let result = if p.cached {
             tracing::info!("[{}/{n}] {shown}: cache hit {}", i + 1, &p.key[..16]);
             cache
-                .restore(&name, &p.key, &c.rootfs)
+                .mount_layer(&name, &p.key, &c.rootfs, &c.work.join("layer"))
+                .map(|m| layers.push(m))
                 .and_then(|_| crate::stage::fail_point(&name))
         } else {
             tracing::info!("[{}/{n}] {shown}: {}", i + 1, ops.describe());
@@ -464,7 +492,13 @@ fn run_stages<'r>(
             bar.abandon_with_message(format!("[{}/{n}] {shown}: FAILED", i + 1));
             return Err(fail(&shown, e));
         }
-        if ops.cacheable() && !p.cached {
+        let ran = t.elapsed().as_secs_f64();
+        if ops.cacheable() && !p.cached && !worth_storing(ran) {
+            tracing::info!(
+                "[{}/{n}] {shown}: not stored in the cache (ran {ran:.1} s; storing costs about as much)",
+                i + 1
+            );
+        } else if ops.cacheable() && !p.cached {
             let parent = parent_layer[slot]
                 .as_ref()
                 .map(|(s, k)| (s.as_str(), k.as_str()));
@@ -474,7 +508,7 @@ fn run_stages<'r>(
             // A store aborted by a signal must not pass for success.
             signals::check().map_err(|e| fail(&shown, e.into()))?;
         }
-        if ops.cacheable() {
+        if ops.cacheable() && cache.contains(&name, &p.key) {
             parent_layer[slot] = Some((name.clone(), p.key.clone()));
         }
         let secs = t.elapsed().as_secs_f64();
@@ -490,7 +524,7 @@ fn run_stages<'r>(
             seconds: secs,
         });
     }
-    Ok(records)
+    Ok((records, layers))
 }
 
 /// The formats to write: the recipe's, with VirtualBox's VDI added for `cloud = vbox`.
@@ -559,7 +593,8 @@ fn write_container_fs(ctx: &Ctx, size_mib: u64) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no output path"))?;
     crate::stage::assemble::create_sparse(disk, size_mib * 1024 * 1024)?;
     crate::host::Cmd::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "root", "-U", &ctx.fs_uuid, "-d"])
+        .args(["-q", "-F", "-L", "root", "-U", &ctx.fs_uuid])
+        .args(["-E", crate::stage::assemble::LAZY_JOURNAL, "-d"])
         .arg(&ctx.rootfs)
         .arg(disk)
         .run()?;
