@@ -8,6 +8,7 @@
 use super::{Ctx, StageOps, StageResult};
 use crate::host::{fsutil, ChrootSession, Cmd};
 use serde_json::json;
+use std::path::Path;
 
 /// Packages every image needs on top of minbase: an init, device manager, locales,
 /// and what the network configuration and GRUB runtime rely on.
@@ -33,6 +34,9 @@ pub struct Debootstrap {
     /// the kernel's postinst and once more by the initramfs-tools trigger).
     pub defer_initramfs: bool,
 }
+
+/// mmdebstrap's hooks that run the bootstrap under eatmydata (Debian package `eatmydata`).
+const EATMYDATA_HOOKS: &str = "/usr/share/mmdebstrap/hooks/eatmydata";
 
 /// Where the real `update-initramfs` waits while a stub stands in for it.
 pub const DIVERTED_UPDATE_INITRAMFS: &str = "/usr/sbin/update-initramfs.mkimage";
@@ -129,6 +133,11 @@ impl StageOps for Debootstrap {
                     "--essential-hook={}",
                     divert_update_initramfs_hook()
                 ));
+            }
+            // What dpkg's unsafe I/O does not cover (apt, ldconfig, maintainer scripts)
+            // stops syncing too: the tree is synced once, when the image is written.
+            if Path::new(EATMYDATA_HOOKS).is_dir() && fsutil::which("eatmydata").is_some() {
+                c = c.arg(format!("--hook-dir={EATMYDATA_HOOKS}"));
             }
             c.arg(&self.dist)
                 .arg(target)

@@ -9,6 +9,46 @@ use super::{Ctx, StageOps, StageResult};
 use crate::host::ChrootSession;
 use serde_json::json;
 
+/// The storage drivers an image's initramfs carries (with their dependencies): those
+/// of the hypervisors and clouds images are made for — QEMU/KVM and OpenStack
+/// (virtio, IDE/SATA), Xen and older EC2 (blkfront), EC2 Nitro (NVMe), VirtualBox
+/// (AHCI, PIIX), VMware (PVSCSI, LSI) and Hyper-V. initramfs-tools' default (`most`)
+/// copies every storage driver there is: 15 MiB and 6.4 s here, against 6 MiB and
+/// 1.8 s for this list. Drivers built into the kernel are skipped by modprobe.
+pub const INITRAMFS_MODULES: &[&str] = &[
+    "ext4",
+    "crc32c_generic",
+    "crc32c-intel",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "sd_mod",
+    "sr_mod",
+    "xen-blkfront",
+    "nvme",
+    "ahci",
+    "ata_piix",
+    "ata_generic",
+    "vmw_pvscsi",
+    "mptspi",
+    "hv_storvsc",
+];
+
+/// initramfs-tools configuration: only the modules [`INITRAMFS_MODULES`] names.
+const INITRAMFS_CONF: &str =
+    "# mkimage: storage drivers come from hooks/mkimage-storage\nMODULES=list\n";
+
+fn initramfs_hook() -> String {
+    format!(
+        "#!/bin/sh\n\
+         # mkimage: the storage drivers of the hypervisors and clouds this image is for.\n\
+         [ \"$1\" = prereqs ] && exit 0\n\
+         . /usr/share/initramfs-tools/hook-functions\n\
+         manual_add_modules {}\n",
+        INITRAMFS_MODULES.join(" ")
+    )
+}
+
 pub struct Kernel {
     pub package: String,
 }
@@ -39,7 +79,7 @@ impl StageOps for Kernel {
     }
 
     fn inputs(&self) -> serde_json::Value {
-        json!({ "package": self.package })
+        json!({ "package": self.package, "initramfs_modules": INITRAMFS_MODULES })
     }
 
     /// The kernel install is the slowest step after the base: caching the tree after
@@ -74,15 +114,18 @@ impl StageOps for Kernel {
                 self.package
             )
         })?;
-        if !ctx
+        ctx.write_file("etc/initramfs-tools/conf.d/mkimage.conf", INITRAMFS_CONF)?;
+        let hook = "etc/initramfs-tools/hooks/mkimage-storage";
+        ctx.write_file(hook, &initramfs_hook())?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(ctx.root_path(hook), std::fs::Permissions::from_mode(0o755))?;
+        let made = ctx
             .root_path(&format!("boot/initrd.img-{version}"))
-            .exists()
-        {
-            chroot
-                .cmd("update-initramfs")
-                .args(["-c", "-k", &version])
-                .run()?;
-        }
+            .exists();
+        chroot
+            .cmd("update-initramfs")
+            .args([if made { "-u" } else { "-c" }, "-k", &version])
+            .run()?;
         chroot.exit()?;
         if !ctx
             .root_path(&format!("boot/initrd.img-{version}"))
