@@ -201,6 +201,10 @@ pub fn qemu_args(opts: &BootOptions, kvm: bool) -> Vec<String> {
         "-serial".into(),
         format!("file:{}", opts.serial_log.display()),
         "-no-reboot".into(),
+        // Entropy from the host, as clouds give it: without it, the first getrandom()
+        // of a TCG guest (no RDRAND, a predictable cycle counter) can block for minutes.
+        "-device".into(),
+        "virtio-rng-pci".into(),
         // snapshot=on: the boot never writes to the image, so its checksums stay valid.
         "-drive".into(),
         format!(

@@ -102,7 +102,6 @@ pub fn digest_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Resul
         }
         Ok(())
     })();
-    drop(send);
     drop(md5_tx);
     drop(sha_tx);
     let md5 = md5_thread

@@ -291,6 +291,10 @@ pub fn qemu_args(s: &VmSpec) -> Vec<String> {
         format!("file:{}", s.serial_log.display()),
         "-drive".into(),
         format!("file={},format=qcow2,if=virtio", s.disk.display()),
+        // Entropy from the host, as clouds give it: without it, the first getrandom()
+        // of a TCG guest (no RDRAND, a predictable cycle counter) can block for minutes.
+        "-device".into(),
+        "virtio-rng-pci".into(),
     ]);
     if let Some(cd) = &s.config_drive {
         a.extend([

@@ -32,6 +32,8 @@ pub const INITRAMFS_MODULES: &[&str] = &[
     "vmw_pvscsi",
     "mptspi",
     "hv_storvsc",
+    // Not storage: the host's entropy, early, so first-boot key generation never waits.
+    "virtio-rng",
 ];
 
 /// initramfs-tools configuration: only the modules [`INITRAMFS_MODULES`] names.
