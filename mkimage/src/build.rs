@@ -438,6 +438,9 @@ fn run_stages<'r>(
     let mut records = Vec::new();
     // The restored layers: mounted as the trees until the build ends.
     let mut layers = Vec::new();
+    // Whether each tree is a mounted layer already (else a plain directory, which a
+    // first layer is stored by moving into the cache).
+    let mut on_layer = [false, false];
     let n = planned.len();
     // The last cache layer each tree matches: the next layer hard-links to it.
     let mut parent_layer: [Option<(String, String)>; 2] = [None, None];
@@ -480,7 +483,10 @@ fn run_stages<'r>(
             tracing::info!("[{}/{n}] {shown}: cache hit {}", i + 1, &p.key[..16]);
             cache
                 .mount_layer(&name, &p.key, &c.rootfs, &c.work.join("layer"))
-                .map(|m| layers.push(m))
+                .map(|m| {
+                    layers.push(m);
+                    on_layer[slot] = true;
+                })
                 .and_then(|_| crate::stage::fail_point(&name))
         } else {
             tracing::info!("[{}/{n}] {shown}: {}", i + 1, ops.describe());
@@ -502,8 +508,23 @@ fn run_stages<'r>(
             let parent = parent_layer[slot]
                 .as_ref()
                 .map(|(s, k)| (s.as_str(), k.as_str()));
-            if let Err(e) = cache.store(&name, &p.key, &c.rootfs, parent) {
-                tracing::warn!("could not store stage {shown} in the cache: {e:#}");
+            let adopted = if on_layer[slot] {
+                Ok(None)
+            } else {
+                cache.adopt(&name, &p.key, &c.rootfs, &c.work.join("layer"))
+            };
+            match adopted {
+                Ok(Some(m)) => {
+                    layers.push(m);
+                    on_layer[slot] = true;
+                }
+                Ok(None) => {
+                    if let Err(e) = cache.store(&name, &p.key, &c.rootfs, parent) {
+                        tracing::warn!("could not store stage {shown} in the cache: {e:#}");
+                    }
+                }
+                // The tree may be in the cache already and not mounted back.
+                Err(e) => return Err(fail(&shown, e)),
             }
             // A store aborted by a signal must not pass for success.
             signals::check().map_err(|e| fail(&shown, e.into()))?;

@@ -201,6 +201,57 @@ impl Cache {
         })
     }
 
+    /// Stores `tree` as the entry for `key` by moving it into the cache instead of
+    /// copying it, then mounts the entry back at `tree` (see [`Cache::mount_layer`]).
+    /// This is how a first layer (one with no parent to share files with) is stored:
+    /// it costs a rename instead of a walk over the whole tree. Returns `None`, leaving
+    /// the tree in place, where it cannot be moved (another filesystem) or restoring by
+    /// copy is asked for; the caller then stores a copy.
+    pub fn adopt(
+        &self,
+        stage: &str,
+        key: &str,
+        tree: &Path,
+        scratch: &Path,
+    ) -> anyhow::Result<Option<LayerMount>> {
+        if std::env::var_os("MKIMAGE_CACHE_COPY").is_some() {
+            return Ok(None);
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        let entry = self.entry(stage, key);
+        if !entry.join("COMPLETE").exists() {
+            let tmp = self.dir.join(format!(
+                ".tmp-{stage}-{}-{}",
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ));
+            let _tmp_guard = crate::build::WorkDir::create(&tmp)?;
+            match std::fs::rename(tree, tmp.join("rootfs")) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EXDEV as i32) => {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e.into()),
+            }
+            std::fs::write(tmp.join("KEY"), key)?;
+            std::fs::write(tmp.join("STAGE"), stage)?;
+            let now = now_secs().to_string();
+            std::fs::write(tmp.join("CREATED"), &now)?;
+            std::fs::write(tmp.join("LAST_USED"), &now)?;
+            std::fs::write(tmp.join("COMPLETE"), b"")?;
+            let _lock = self.lock(true)?;
+            // Another build may have stored the same layer meanwhile: then ours goes
+            // with the temporary directory and theirs is mounted.
+            if !entry.join("COMPLETE").exists() {
+                if entry.exists() {
+                    fsutil::remove_tree(&entry)?;
+                }
+                std::fs::rename(&tmp, &entry)?;
+            }
+        }
+        self.mount_layer(stage, key, tree, scratch).map(Some)
+    }
+
     /// Stores a copy of `tree` as the entry for `key`. Files identical to those of
     /// `parent` (the previous layer's entry) are hard-linked to it rather than
     /// copied, so a layer costs only what its stage changed.
@@ -712,6 +763,32 @@ mod tests {
         );
         let (removed, _) = cache.prune(0, false).unwrap();
         assert_eq!(removed.len(), 1);
+    }
+
+    #[test]
+    fn an_adopted_tree_becomes_the_entry_and_stays_usable_in_place() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("work/rootfs");
+        std::fs::create_dir_all(tree.join("etc")).unwrap();
+        std::fs::write(tree.join("etc/hostname"), "base\n").unwrap();
+        let cache = Cache::new(&d.path().join("cache"));
+        let layer = cache
+            .adopt("s", "k1", &tree, &d.path().join("work/layer"))
+            .unwrap()
+            .expect("same filesystem: the tree is moved");
+        assert!(cache.contains("s", "k1"));
+        // The next stage writes to the tree; the entry keeps what the stage left.
+        std::fs::write(tree.join("etc/hostname"), "changed\n").unwrap();
+        let entry = cache.entry("s", "k1").join("rootfs");
+        assert_eq!(
+            std::fs::read_to_string(entry.join("etc/hostname")).unwrap(),
+            "base\n"
+        );
+        drop(layer);
+        assert!(!std::fs::read_dir(cache.dir())
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-")));
     }
 
     #[test]
