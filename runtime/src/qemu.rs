@@ -749,7 +749,10 @@ mod tests {
             ["user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40000-:5555,\
               guestfwd=tcp:10.0.2.100:4443-cmd:/usr/bin/cps relay 127.0.0.1:4443"]
         );
-        assert_eq!(arg_after(&a, "-device"), ["virtio-rng-pci", "virtio-net-pci,netdev=n0"]);
+        assert_eq!(
+            arg_after(&a, "-device"),
+            ["virtio-rng-pci", "virtio-net-pci,netdev=n0"]
+        );
         let mut s = spec();
         s.kvm = true;
         s.forwards.clear();
