@@ -222,3 +222,31 @@ impl Drop for ChrootSession {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_packages_reads_only_installed_stanzas() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("var/lib/dpkg")).unwrap();
+        std::fs::write(
+            d.path().join("var/lib/dpkg/status"),
+            "Package: curl\nStatus: install ok installed\nVersion: 1\n\n\
+             Package: openssh-server\nStatus: deinstall ok config-files\nVersion: 1\n\n\
+             Package: udev\nVersion: 2\nStatus: install ok installed\n",
+        )
+        .unwrap();
+        let want: Vec<String> = ["curl", "openssh-server", "udev", "linux-image-cloud-amd64"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            missing_packages(d.path(), &want),
+            ["openssh-server", "linux-image-cloud-amd64"]
+        );
+        // No dpkg database at all: everything is missing.
+        assert_eq!(missing_packages(&d.path().join("none"), &want).len(), 4);
+    }
+}
