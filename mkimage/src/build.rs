@@ -642,6 +642,20 @@ pub fn installed_packages(root: &Path) -> Vec<String> {
     v
 }
 
+/// Those of `packages` that the tree's dpkg database does not list as installed
+/// (a virtual or arch-qualified name counts as missing: apt resolves it).
+pub fn missing_packages(root: &Path, packages: &[String]) -> Vec<String> {
+    let installed: std::collections::HashSet<String> = installed_packages(root)
+        .into_iter()
+        .filter_map(|p| p.split_once('=').map(|(name, _)| name.to_owned()))
+        .collect();
+    packages
+        .iter()
+        .filter(|p| !installed.contains(p.as_str()))
+        .cloned()
+        .collect()
+}
+
 pub fn recipe_digest(recipe: &Recipe) -> String {
     use sha2::{Digest, Sha256};
     let mut value = serde_json::to_value(recipe).unwrap_or_default();
@@ -690,6 +704,32 @@ fn civil_date(days: i64) -> (i64, u32, u32) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn missing_packages_reads_only_installed_stanzas() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("var/lib/dpkg")).unwrap();
+        std::fs::write(
+            d.path().join("var/lib/dpkg/status"),
+            "Package: curl\nStatus: install ok installed\nVersion: 1\n\n\
+             Package: openssh-server\nStatus: deinstall ok config-files\nVersion: 1\n\n\
+             Package: udev\nVersion: 2\nStatus: install ok installed\n",
+        )
+        .unwrap();
+        let want: Vec<String> = ["curl", "openssh-server", "udev", "linux-image-cloud-amd64"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            super::missing_packages(d.path(), &want),
+            ["openssh-server", "linux-image-cloud-amd64"]
+        );
+        // No dpkg database at all: everything is missing.
+        assert_eq!(
+            super::missing_packages(&d.path().join("none"), &want).len(),
+            4
+        );
+    }
+
     #[test]
     fn artefact_names_swap_the_extension() {
         assert_eq!(

@@ -191,10 +191,7 @@ impl Cache {
                 Err(e) => tracing::info!("{e}: restoring the layer by copy instead"),
             }
         }
-        if dest.exists() {
-            fsutil::remove_tree(dest)?;
-        }
-        copy_tree(&entry.join("rootfs"), dest)?;
+        self.restore(stage, key, dest)?;
         Ok(LayerMount {
             _mount: None,
             _in_use: in_use,
@@ -220,12 +217,7 @@ impl Cache {
         std::fs::create_dir_all(&self.dir)?;
         let entry = self.entry(stage, key);
         if !entry.join("COMPLETE").exists() {
-            let tmp = self.dir.join(format!(
-                ".tmp-{stage}-{}-{}",
-                std::process::id(),
-                &uuid::Uuid::new_v4().simple().to_string()[..8]
-            ));
-            let _tmp_guard = crate::build::WorkDir::create(&tmp)?;
+            let (tmp, _tmp_guard) = self.temp_entry(stage)?;
             match std::fs::rename(tree, tmp.join("rootfs")) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EXDEV as i32) => {
@@ -233,21 +225,9 @@ impl Cache {
                 }
                 Err(e) => return Err(e.into()),
             }
-            std::fs::write(tmp.join("KEY"), key)?;
-            std::fs::write(tmp.join("STAGE"), stage)?;
-            let now = now_secs().to_string();
-            std::fs::write(tmp.join("CREATED"), &now)?;
-            std::fs::write(tmp.join("LAST_USED"), &now)?;
-            std::fs::write(tmp.join("COMPLETE"), b"")?;
-            let _lock = self.lock(true)?;
             // Another build may have stored the same layer meanwhile: then ours goes
             // with the temporary directory and theirs is mounted.
-            if !entry.join("COMPLETE").exists() {
-                if entry.exists() {
-                    fsutil::remove_tree(&entry)?;
-                }
-                std::fs::rename(&tmp, &entry)?;
-            }
+            self.publish(&tmp, stage, key)?;
         }
         self.mount_layer(stage, key, tree, scratch).map(Some)
     }
@@ -271,32 +251,47 @@ impl Cache {
         if entry.join("COMPLETE").exists() {
             return Ok(());
         }
+        let (tmp, _tmp_guard) = self.temp_entry(stage)?;
+        let link_dest = parent
+            .map(|(s, k)| self.entry(s, k).join("rootfs"))
+            .filter(|p| p.is_dir());
+        copy_layer(tree, &tmp.join("rootfs"), link_dest.as_deref())?;
+        // Another build may have stored the same layer meanwhile; then ours goes with
+        // the guard (which otherwise finds the directory renamed away: a no-op).
+        self.publish(&tmp, stage, key)
+    }
+
+    /// A journaled temporary directory for a new entry of `stage`: a killed build's
+    /// half-written entry is removed by `gc`, or by the guard on any other exit.
+    fn temp_entry(&self, stage: &str) -> anyhow::Result<(PathBuf, crate::build::WorkDir)> {
         let tmp = self.dir.join(format!(
             ".tmp-{stage}-{}-{}",
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         ));
-        let tmp_guard = crate::build::WorkDir::create(&tmp)?;
-        let link_dest = parent
-            .map(|(s, k)| self.entry(s, k).join("rootfs"))
-            .filter(|p| p.is_dir());
-        copy_layer(tree, &tmp.join("rootfs"), link_dest.as_deref())?;
+        let guard = crate::build::WorkDir::create(&tmp)?;
+        Ok((tmp, guard))
+    }
+
+    /// Writes the metadata of the temporary entry `tmp` (its `rootfs` filled) and
+    /// renames it into place under the exclusive lock, unless a complete entry for
+    /// `key` appeared meanwhile: a half-written entry is never served.
+    fn publish(&self, tmp: &Path, stage: &str, key: &str) -> anyhow::Result<()> {
         std::fs::write(tmp.join("KEY"), key)?;
         std::fs::write(tmp.join("STAGE"), stage)?;
         let now = now_secs().to_string();
         std::fs::write(tmp.join("CREATED"), &now)?;
         std::fs::write(tmp.join("LAST_USED"), &now)?;
         std::fs::write(tmp.join("COMPLETE"), b"")?;
+        let entry = self.entry(stage, key);
         let _lock = self.lock(true)?;
         if entry.join("COMPLETE").exists() {
-            // Another build stored the same layer meanwhile; ours goes with tmp_guard.
             return Ok(());
         }
         if entry.exists() {
             fsutil::remove_tree(&entry)?;
         }
-        std::fs::rename(&tmp, &entry)?;
-        drop(tmp_guard); // the directory is gone: its removal is a no-op
+        std::fs::rename(tmp, &entry)?;
         Ok(())
     }
 

@@ -146,12 +146,9 @@ pub fn hoisted_packages(recipe: &Recipe, kernel: Option<&str>) -> Vec<String> {
 /// Packages pruning keeps (with their dependency closure): the base set, the
 /// runtime's, the kernel, and every enabled service's packages and keep-list.
 pub fn prune_roots(recipe: &Recipe) -> Vec<String> {
-    let mut r = base_packages(recipe);
-    r.extend(stage::core::PACKAGES.iter().map(|s| s.to_string()));
-    if recipe.layout != Layout::Container {
-        r.push(crate::recipe::kernel_package(recipe));
-        r.push("initramfs-tools".into());
-    }
+    let kernel = crate::recipe::kernel_package(recipe);
+    let bootable = recipe.layout != Layout::Container;
+    let mut r = hoisted_packages(recipe, bootable.then_some(kernel.as_str()));
     for name in &recipe.services {
         if let Ok((s, _)) = crate::service::load(name) {
             r.extend(s.packages);

@@ -35,31 +35,6 @@ enum Restore {
     Absent,
 }
 
-/// Those of `packages` that the tree's dpkg database does not list as installed
-/// (a virtual or arch-qualified name counts as missing: apt resolves it).
-pub fn missing_packages(root: &Path, packages: &[String]) -> Vec<String> {
-    let status = std::fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap_or_default();
-    let installed: std::collections::HashSet<&str> = status
-        .split("\n\n")
-        .filter(|stanza| {
-            stanza
-                .lines()
-                .any(|l| l.trim_end() == "Status: install ok installed")
-        })
-        .filter_map(|stanza| {
-            stanza
-                .lines()
-                .find_map(|l| l.strip_prefix("Package: "))
-                .map(str::trim)
-        })
-        .collect();
-    packages
-        .iter()
-        .filter(|p| !installed.contains(p.as_str()))
-        .cloned()
-        .collect()
-}
-
 impl ChrootSession {
     /// Binds /dev, /dev/pts, mounts /proc and /sys, installs policy-rc.d and the
     /// host's resolv.conf (so apt can resolve the mirror).
@@ -220,33 +195,5 @@ impl Drop for ChrootSession {
         if let Err(e) = self.release() {
             tracing::error!("cleaning up the chroot at {}: {e}", self.root.display());
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn missing_packages_reads_only_installed_stanzas() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(d.path().join("var/lib/dpkg")).unwrap();
-        std::fs::write(
-            d.path().join("var/lib/dpkg/status"),
-            "Package: curl\nStatus: install ok installed\nVersion: 1\n\n\
-             Package: openssh-server\nStatus: deinstall ok config-files\nVersion: 1\n\n\
-             Package: udev\nVersion: 2\nStatus: install ok installed\n",
-        )
-        .unwrap();
-        let want: Vec<String> = ["curl", "openssh-server", "udev", "linux-image-cloud-amd64"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        assert_eq!(
-            missing_packages(d.path(), &want),
-            ["openssh-server", "linux-image-cloud-amd64"]
-        );
-        // No dpkg database at all: everything is missing.
-        assert_eq!(missing_packages(&d.path().join("none"), &want).len(), 4);
     }
 }

@@ -176,7 +176,7 @@ impl StageOps for Core {
         // Normally installed with the base (plan::stages hoists them); a tree from
         // elsewhere gets them here.
         let wanted: Vec<String> = PACKAGES.iter().map(|s| s.to_string()).collect();
-        let missing = crate::host::chroot::missing_packages(&ctx.rootfs, &wanted);
+        let missing = crate::build::missing_packages(&ctx.rootfs, &wanted);
         if !missing.is_empty() {
             chroot.cmd("apt-get").args(["-q", "update"]).run()?;
             chroot.apt_install(&missing)?;

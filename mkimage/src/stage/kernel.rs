@@ -94,7 +94,7 @@ impl StageOps for Kernel {
         let chroot = ChrootSession::enter(&ctx.rootfs)?;
         super::fail_point("kernel")?;
         let wanted = [self.package.clone(), "initramfs-tools".into()];
-        let missing = crate::host::chroot::missing_packages(&ctx.rootfs, &wanted);
+        let missing = crate::build::missing_packages(&ctx.rootfs, &wanted);
         if !missing.is_empty() {
             chroot.cmd("apt-get").args(["-q", "update"]).run()?;
             chroot.apt_install(&missing)?;

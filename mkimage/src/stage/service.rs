@@ -74,7 +74,7 @@ impl StageOps for Service {
         }
         let chroot = ChrootSession::enter(&ctx.rootfs)?;
         super::fail_point(&self.name())?;
-        let missing = crate::host::chroot::missing_packages(&ctx.rootfs, &r.packages);
+        let missing = crate::build::missing_packages(&ctx.rootfs, &r.packages);
         if !missing.is_empty() {
             chroot.cmd("apt-get").args(["-q", "update"]).run()?;
             chroot.apt_install(&missing)?;
