@@ -138,19 +138,41 @@ fn minimal_image_builds_is_cached_verifies_and_boots() {
         .unwrap();
     assert!(deb_line.contains("cache hit"), "{deb_line}");
 
-    // It boots to the readiness marker (under KVM where possible, else TCG).
+    // It boots to the readiness marker (under KVM where possible, else TCG), from a
+    // 3 GiB disk, as a cloud gives an instance more disk than the image has: the root
+    // partition and filesystem grow to the end of it at boot.
+    let disk = sb.out().join("instance-disk.qcow2");
+    let made = run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&img)
+        .arg(&disk)
+        .arg("3G"));
+    assert!(made.status.success());
     let t = Instant::now();
     let boot = run(mkimage()
         .arg("boot-test")
-        .arg(&img)
+        .arg(&disk)
         .args(["--timeout", "240"]));
     assert!(boot.status.success(), "boot-test failed");
     let said = String::from_utf8_lossy(&boot.stdout);
     assert!(said.contains("ready after"), "{said}");
     eprintln!("boot-test took {:.1} s in all", t.elapsed().as_secs_f64());
-    assert!(no_qemu_for(&img), "qemu still running");
-    let serial = std::fs::read_to_string(sb.out().join("minimal.img.serial.log")).unwrap();
-    assert!(serial.contains("mkimage-ready"));
+    assert!(no_qemu_for(&disk), "qemu still running");
+    let serial = std::fs::read_to_string(sb.out().join("instance-disk.qcow2.serial.log")).unwrap();
+    let ready = serial
+        .lines()
+        // Other console output (a login prompt) may come first on the same line.
+        .find_map(|l| l.find("mkimage-ready uptime=").map(|i| &l[i..]))
+        .unwrap_or_else(|| panic!("no readiness line on the console:\n{serial}"));
+    let root_mib: u64 = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("root_mib="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no root size in {ready:?}"));
+    // The image's filesystem is 1535 MiB; grown to a 3 GiB disk it is about 3000 MiB.
+    assert!(root_mib > 2800, "root not grown at boot: {ready}");
+    assert!(serial.contains("mkimage-growroot: growing /dev/vda partition 1"));
+    std::fs::remove_file(&disk).unwrap();
 
     // The boot ran in snapshot mode, so the image still verifies...
     let v = run(mkimage().arg("verify").arg(&img));

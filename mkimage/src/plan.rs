@@ -127,16 +127,18 @@ pub fn base_packages(recipe: &Recipe) -> Vec<String> {
 }
 
 /// What the `debootstrap` stage installs: the base set plus the packages of the
-/// stages every image of this layout has (the kernel's, the runtime's). One apt
-/// transaction for all of them is much faster than one per stage (one dependency
-/// solve, one download, one dpkg run), and those packages change with the tool, not
-/// with the recipe's services, so a service change still reuses the base layer.
+/// stages every image of this layout has (the kernel's, the runtime's, the
+/// bootloader's). One apt transaction for all of them is much faster than one per
+/// stage (one dependency solve, one download, one dpkg run), and those packages
+/// change with the tool, not with the recipe's services, so a service change still
+/// reuses the base layer.
 pub fn hoisted_packages(recipe: &Recipe, kernel: Option<&str>) -> Vec<String> {
     let mut p = base_packages(recipe);
     p.extend(stage::core::PACKAGES.iter().map(|s| s.to_string()));
     if let Some(k) = kernel {
         p.push(k.to_owned());
         p.push("initramfs-tools".into());
+        p.extend(stage::bootloader::PACKAGES.iter().map(|s| s.to_string()));
     }
     p.sort();
     p.dedup();

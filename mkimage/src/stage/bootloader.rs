@@ -12,6 +12,56 @@ use std::path::Path;
 /// Where the host's grub-pc-bin keeps the i386-pc (BIOS) platform files.
 pub const GRUB_PC_DIR: &str = "/usr/lib/grub/i386-pc";
 
+/// Packages the disk layouts need in the image (installed with the base, see
+/// `plan::hoisted_packages`): `sfdisk`, for the growroot script.
+pub const PACKAGES: &[&str] = &["fdisk"];
+
+/// Grows the root partition to the end of its disk, then the ext4 filesystem in it,
+/// online. A cloud usually gives an instance a larger disk than the image (and an
+/// `--optimize` image is sized to its tree plus a little headroom), so without this
+/// the extra space would be unusable. Runs at every boot and does nothing once the
+/// partition reaches the end of the disk. MBR entries count sectors in 32 bits: the
+/// partition stops at 2 TiB.
+const GROWROOT_SCRIPT: &str = r#"#!/bin/sh
+# written by mkimage: grow the root partition and its filesystem to the end of the disk
+set -eu
+say() { echo "mkimage-growroot: $*"; }
+part=$(basename "$(readlink -f "$(findmnt -n -o SOURCE /)")")
+sys=/sys/class/block/$part
+if [ ! -r "$sys/partition" ]; then say "/ is not on a partition; nothing to grow"; exit 0; fi
+command -v sfdisk >/dev/null || { say "no sfdisk in the image; not growing"; exit 0; }
+n=$(cat "$sys/partition")
+disk=$(basename "$(readlink -f "$sys/..")")
+start=$(cat "$sys/start")
+size=$(cat "$sys/size")
+want=$(( $(cat "/sys/class/block/$disk/size") - start ))
+[ "$want" -le 4294967295 ] || want=4294967295
+# Less than 1 MiB to gain (alignment, or already grown): leave the table alone.
+if [ $(( want - size )) -lt 2048 ]; then exit 0; fi
+say "growing /dev/$disk partition $n from $size to $want sectors"
+echo ",$want" | sfdisk --force --no-reread --no-tell-kernel -q -N "$n" "/dev/$disk"
+# The kernel keeps the old size of a partition in use until told (BLKPG).
+partx --update --nr "$n" "/dev/$disk"
+resize2fs "/dev/$part"
+say "/ is now $(df -m --output=size / | tail -n 1 | tr -d ' ') MiB"
+"#;
+
+const GROWROOT_UNIT: &str = "[Unit]
+Description=Grow the root partition and filesystem to the end of the disk
+After=systemd-remount-fs.service local-fs.target
+ConditionVirtualization=!container
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/mkimage-growroot
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target
+";
+
 pub struct Bootloader {
     pub cloud: Cloud,
     pub hypervisor: Hypervisor,
@@ -80,7 +130,12 @@ impl StageOps for Bootloader {
     }
 
     fn inputs(&self) -> serde_json::Value {
-        json!({ "cloud": self.cloud, "hypervisor": self.hypervisor, "consoles": self.consoles() })
+        json!({
+            "cloud": self.cloud,
+            "hypervisor": self.hypervisor,
+            "consoles": self.consoles(),
+            "growroot": [GROWROOT_SCRIPT, GROWROOT_UNIT],
+        })
     }
 
     fn check(&self, _ctx: &Ctx) -> StageResult {
@@ -118,9 +173,28 @@ impl StageOps for Bootloader {
             "etc/fstab",
             &format!("# <file system> <mount point> <type> <options> <dump> <pass>\nUUID={uuid} / ext4 defaults,errors=remount-ro 0 1\n"),
         )?;
+        install_growroot(ctx)?;
         super::fail_point("bootloader")?;
         Ok(())
     }
+}
+
+/// The growroot script and its unit, enabled (a symlink: no chroot needed).
+fn install_growroot(ctx: &Ctx) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let script = "usr/local/sbin/mkimage-growroot";
+    ctx.write_file(script, GROWROOT_SCRIPT)?;
+    std::fs::set_permissions(
+        ctx.root_path(script),
+        std::fs::Permissions::from_mode(0o755),
+    )?;
+    ctx.write_file("etc/systemd/system/mkimage-growroot.service", GROWROOT_UNIT)?;
+    let wants = ctx.root_path("etc/systemd/system/multi-user.target.wants");
+    std::fs::create_dir_all(&wants)?;
+    let link = wants.join("mkimage-growroot.service");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("/etc/systemd/system/mkimage-growroot.service", &link)?;
+    Ok(())
 }
 
 #[cfg(test)]

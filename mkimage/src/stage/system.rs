@@ -6,7 +6,9 @@ use super::{Ctx, StageOps, StageResult};
 use crate::host::ChrootSession;
 use serde_json::json;
 
-/// The line the readiness unit prints on the serial console once the system is up.
+/// The line the readiness unit prints on the serial console once the system is up,
+/// followed by `uptime=SECONDS root_mib=SIZE` (the root filesystem's size, which tells a
+/// test that the disk was grown at boot).
 pub const READY_MARKER: &str = "mkimage-ready";
 
 const READY_UNIT: &str = "[Unit]
@@ -16,7 +18,7 @@ Wants=network-online.target
 
 [Service]
 Type=oneshot
-ExecStart=/bin/sh -c 'for t in /dev/ttyS0 /dev/hvc0; do [ -c $t ] && echo \"mkimage-ready uptime=$(cut -d\" \" -f1 /proc/uptime)\" > $t 2>/dev/null; done; true'
+ExecStart=/bin/sh -c 'r=\"mkimage-ready uptime=$(cut -d\" \" -f1 /proc/uptime) root_mib=$(df -m --output=size / | tail -n 1 | tr -d \" \")\"; for t in /dev/ttyS0 /dev/hvc0; do [ -c $t ] && echo \"$r\" > $t 2>/dev/null; done; true'
 
 [Install]
 WantedBy=multi-user.target
