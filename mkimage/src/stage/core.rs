@@ -93,10 +93,54 @@ pub fn find_config_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../config")
 }
 
+/// Whether an ELF64 little-endian file has `.debug*` sections; `None` when it is not
+/// such a file (the caller then strips anyway and lets `strip` judge).
+fn has_debug_sections(path: &Path) -> Option<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut eh = [0u8; 64];
+    f.read_exact(&mut eh).ok()?;
+    if &eh[..4] != b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
+        return None;
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as u64;
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as u64;
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let (shoff, shentsize, shnum, shstrndx) = (
+        u64_at(&eh, 0x28),
+        u16_at(&eh, 0x3a),
+        u16_at(&eh, 0x3c),
+        u16_at(&eh, 0x3e),
+    );
+    if shentsize < 64 || shnum == 0 || shstrndx >= shnum || shnum > 4096 {
+        return None;
+    }
+    let mut table = vec![0u8; (shentsize * shnum) as usize];
+    f.seek(SeekFrom::Start(shoff)).ok()?;
+    f.read_exact(&mut table).ok()?;
+    let header = |i: u64| &table[(i * shentsize) as usize..((i + 1) * shentsize) as usize];
+    let strtab = header(shstrndx);
+    let (str_off, str_len) = (u64_at(strtab, 0x18), u64_at(strtab, 0x20));
+    if str_len > 1 << 20 {
+        return None;
+    }
+    let mut names = vec![0u8; str_len as usize];
+    f.seek(SeekFrom::Start(str_off)).ok()?;
+    f.read_exact(&mut names).ok()?;
+    Some((0..shnum).any(|i| {
+        let at = u32_at(header(i), 0) as usize;
+        names.get(at..).is_some_and(|n| n.starts_with(b".debug"))
+    }))
+}
+
+/// SHA-256 only: the cache key needs no MD5, which would take longer than this.
 fn digest_file(p: &Path) -> String {
-    crate::verify::digest_file(p, |_| {})
-        .map(|d| d.sha256)
-        .unwrap_or_default()
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    match std::fs::File::open(p).and_then(|mut f| std::io::copy(&mut f, &mut h)) {
+        Ok(_) => hex::encode(h.finalize()),
+        Err(_) => String::new(),
+    }
 }
 
 fn digest_tree(dir: &Path) -> String {
@@ -194,13 +238,19 @@ impl StageOps for Core {
 
         let cps = ctx.root_path(CPS_PATH);
         std::fs::create_dir_all(cps.parent().unwrap())?;
-        // Debug builds carry ~100 MB of debug info the image does not need.
-        Cmd::new("strip")
-            .arg("--strip-debug")
-            .arg("-o")
-            .arg(&cps)
-            .arg(&self.cps_binary)
-            .run()?;
+        // Debug builds carry ~100 MB of debug info the image does not need. A release
+        // build has none, and copying it costs a tenth of running strip on it.
+        if has_debug_sections(&self.cps_binary).unwrap_or(true) {
+            Cmd::new("strip")
+                .arg("--strip-debug")
+                .arg("-o")
+                .arg(&cps)
+                .arg(&self.cps_binary)
+                .run()?;
+        } else {
+            let _ = std::fs::remove_file(&cps);
+            std::fs::copy(&self.cps_binary, &cps)?;
+        }
         let share = ctx.root_path("usr/share/cps/config");
         if share.exists() {
             crate::host::fsutil::remove_tree(&share)?;
@@ -245,5 +295,33 @@ impl StageOps for Core {
             std::os::unix::fs::symlink("/etc/systemd/system/cps-context.service", &link)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    #[test]
+    fn debug_sections_are_found_only_where_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("m.c");
+        std::fs::write(&src, "int main(void) { return 0; }\n").unwrap();
+        let cc = |flag: &str, out: &Path| {
+            let st = std::process::Command::new("cc")
+                .args([flag, "-o"])
+                .arg(out)
+                .arg(&src)
+                .status()
+                .expect("cc (gcc) is needed by this test");
+            assert!(st.success());
+        };
+        let (with, without) = (dir.path().join("with"), dir.path().join("without"));
+        cc("-g", &with);
+        cc("-g0", &without);
+        assert_eq!(super::has_debug_sections(&with), Some(true));
+        assert_eq!(super::has_debug_sections(&without), Some(false));
+        // Not an ELF file: unknown, so the caller strips anyway.
+        assert_eq!(super::has_debug_sections(&src), None);
     }
 }
