@@ -243,13 +243,13 @@ fn a_package_that_does_not_exist_fails_in_debootstrap_cleanly() {
 
 // Injected failures and signals in every stage: see fault_sweep.rs.
 
-/// qcow2, VDI and VMDK are converted from the finished raw image: each passes
+/// qcow2, VDI, VMDK and OVA are converted from the finished raw image: each passes
 /// `qemu-img check`, compares identical to the raw one, and has its own sums.
 #[test]
 fn other_formats_are_identical_to_the_raw_image() {
     let _g = heavy();
     let sb = Sandbox::new();
-    let out = run(minimal(&sb, "fmt.img").args(["--format", "raw,qcow2,vdi,vmdk"]));
+    let out = run(minimal(&sb, "fmt.img").args(["--format", "raw,qcow2,vdi,vmdk,ova"]));
     assert!(out.status.success());
     let raw = sb.out().join("fmt.img");
     let md5sums = std::fs::read_to_string(sb.out().join("MD5SUMS")).unwrap();
@@ -273,5 +273,74 @@ fn other_formats_are_identical_to_the_raw_image() {
             "verify {ext}"
         );
     }
+    check_ova(&sb, &raw);
     assert_clean(sb.path());
+}
+
+/// The .ova: descriptor first, then the VMDK and the manifest; the descriptor is XML
+/// naming the VMDK with its real size and the disk's capacity; the manifest's digests
+/// are those of the files; the VMDK holds the same disk as the raw image.
+fn check_ova(sb: &Sandbox, raw: &Path) {
+    let ova = sb.out().join("fmt.ova");
+    assert!(run(mkimage().arg("verify").arg(&ova)).status.success());
+    let list = run(Command::new("tar").arg("-tf").arg(&ova));
+    assert_eq!(
+        String::from_utf8_lossy(&list.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        ["fmt.ovf", "fmt-disk1.vmdk", "fmt.mf"]
+    );
+    let dir = sb.path().join("ova");
+    std::fs::create_dir_all(&dir).unwrap();
+    assert!(
+        run(Command::new("tar").arg("-xf").arg(&ova).arg("-C").arg(&dir))
+            .status
+            .success()
+    );
+    let vmdk = dir.join("fmt-disk1.vmdk");
+    let ovf = std::fs::read_to_string(dir.join("fmt.ovf")).unwrap();
+    // Well-formed XML, checked by a parser that is not ours.
+    let parsed = run(Command::new("python3")
+        .args([
+            "-c",
+            "import sys, xml.dom.minidom as m; m.parse(sys.argv[1])",
+        ])
+        .arg(dir.join("fmt.ovf")));
+    assert!(parsed.status.success(), "the OVF descriptor is not XML");
+    let vmdk_size = std::fs::metadata(&vmdk).unwrap().len();
+    assert!(ovf.contains(&format!(
+        "ovf:href=\"fmt-disk1.vmdk\" ovf:size=\"{vmdk_size}\""
+    )));
+    let capacity = std::fs::metadata(raw).unwrap().len();
+    assert!(ovf.contains(&format!("ovf:capacity=\"{capacity}\"")));
+    let mf = std::fs::read_to_string(dir.join("fmt.mf")).unwrap();
+    for f in ["fmt.ovf", "fmt-disk1.vmdk"] {
+        let sum = run(Command::new("sha256sum").arg(dir.join(f)));
+        let hex = String::from_utf8_lossy(&sum.stdout)[..64].to_owned();
+        assert!(
+            mf.contains(&format!("SHA256({f})= {hex}")),
+            "{f} digest: {mf}"
+        );
+    }
+    let check = run(Command::new("qemu-img")
+        .args(["check", "-f", "vmdk"])
+        .arg(&vmdk));
+    assert!(
+        check.status.success(),
+        "qemu-img check of the VMDK in the .ova"
+    );
+    let cmp = run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "vmdk"])
+        .arg(raw)
+        .arg(&vmdk));
+    assert!(
+        cmp.status.success(),
+        "the .ova's disk differs from the raw image"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    // Its work directory is gone.
+    for e in std::fs::read_dir(sb.out()).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        assert!(!n.starts_with(".ova-"), "{n} left in the output directory");
+    }
 }

@@ -274,10 +274,22 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
             OutputFormat::Vdi => ("vdi", "vdi"),
             OutputFormat::Vmdk => ("vmdk", "vmdk"),
             OutputFormat::Tar => ("tar.zst", "tar.zst"),
+            OutputFormat::Ova => ("ova", "ova"),
         };
-        let out = PendingFile::new(&opts.output_dir.join(artefact_name(&out_name, ext)));
-        convert(pending.path(), &ctx.rootfs, out.path(), fmt)
-            .map_err(|e| stage_err("output", e))?;
+        let name = artefact_name(&out_name, ext);
+        let out = PendingFile::new(&opts.output_dir.join(&name));
+        if fmt == "ova" {
+            // VirtualBox's setup of the original: a NAT adapter and a host-only one.
+            let networks = match recipe.cloud {
+                Cloud::Vbox => vec!["NAT", "HostOnly"],
+                _ => vec!["NAT"],
+            };
+            let stem = name.strip_suffix(".ova").unwrap_or(&name);
+            crate::ova::write(pending.path(), out.path(), stem, networks)
+        } else {
+            convert(pending.path(), &ctx.rootfs, out.path(), fmt)
+        }
+        .map_err(|e| stage_err("output", e))?;
         outputs.push((out, fmt));
     }
     let mut all: Vec<(PendingFile, &'static str)> = Vec::new();

@@ -14,6 +14,7 @@ pub mod host;
 pub mod journal;
 pub mod logging;
 pub mod manifest;
+pub mod ova;
 pub mod plan;
 pub mod preflight;
 pub mod preinstall;

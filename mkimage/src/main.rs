@@ -248,7 +248,8 @@ struct InputArgs {
     /// Layout: disk, container or nutshell.
     #[arg(long)]
     layout: Option<String>,
-    /// Output formats, comma-separated: raw, qcow2, vdi, vmdk, tar.
+    /// Output formats, comma-separated: raw, qcow2, vdi, vmdk, ova (an OVF appliance for
+    /// VirtualBox/VMware), tar (container layout).
     #[arg(long, value_delimiter = ',')]
     format: Option<Vec<String>>,
     /// Prune and shrink the image (true/false).
@@ -598,6 +599,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             if !image.exists() {
                 return Err(bad_input(format!("{}: no such image", image.display())));
+            }
+            if image.extension().is_some_and(|e| e == "ova") {
+                return Err(bad_input(format!(
+                    "{}: an .ova is an archive for VirtualBox or VMware to import; boot-test \
+                     the raw image or the VMDK inside it (tar -xf)",
+                    image.display()
+                )));
             }
             let log = serial_log.unwrap_or_else(|| {
                 let mut s = image.as_os_str().to_owned();

@@ -47,7 +47,7 @@ pub struct StageRecord {
 pub struct Artefact {
     /// File name relative to the manifest's directory.
     pub file: String,
-    /// raw, qcow2, vdi, vmdk, ext4, tar.zst
+    /// raw, qcow2, vdi, vmdk, ova, ext4, tar.zst
     pub format: String,
     /// Apparent size in bytes.
     pub size: u64,

@@ -88,6 +88,8 @@ pub enum OutputFormat {
     Vdi,
     Vmdk,
     Tar,
+    /// An OVF appliance: descriptor + streamOptimized VMDK + SHA-256 manifest.
+    Ova,
 }
 
 /// Where the recipe came from, for messages and the manifest.
@@ -554,7 +556,7 @@ impl Draft {
             if !ok {
                 let allowed = match self.layout {
                     Layout::Container => "raw, tar",
-                    _ => "raw, qcow2, vdi, vmdk",
+                    _ => "raw, qcow2, vdi, vmdk, ova",
                 };
                 return Err(self.err(
                     "formats",
@@ -613,6 +615,7 @@ fn fmt_name(f: OutputFormat) -> &'static str {
         OutputFormat::Vdi => "vdi",
         OutputFormat::Vmdk => "vmdk",
         OutputFormat::Tar => "tar",
+        OutputFormat::Ova => "ova",
     }
 }
 

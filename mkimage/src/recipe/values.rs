@@ -94,8 +94,9 @@ pub fn format(v: &str) -> Result<OutputFormat, String> {
         "vdi" => Ok(OutputFormat::Vdi),
         "vmdk" => Ok(OutputFormat::Vmdk),
         "tar" => Ok(OutputFormat::Tar),
+        "ova" => Ok(OutputFormat::Ova),
         _ => Err(format!(
-            "Unknown output format `{v}` (allowed: raw, qcow2, vdi, vmdk, tar)"
+            "Unknown output format `{v}` (allowed: raw, qcow2, vdi, vmdk, ova, tar)"
         )),
     }
 }
@@ -290,7 +291,7 @@ mod tests {
             .contains("disk, container, nutshell"));
         assert!(format("img")
             .unwrap_err()
-            .contains("raw, qcow2, vdi, vmdk, tar"));
+            .contains("raw, qcow2, vdi, vmdk, ova, tar"));
         assert!(dist("hamm")
             .unwrap_err()
             .starts_with("Unknown Debian distribution"));
