@@ -285,7 +285,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions) -> Result<BuildReport, BuildE
                 _ => vec!["NAT"],
             };
             let stem = name.strip_suffix(".ova").unwrap_or(&name);
-            crate::ova::write(pending.path(), out.path(), stem, networks)
+            crate::ova::write(pending.path(), out.path(), stem, networks, &work)
         } else {
             convert(pending.path(), &ctx.rootfs, out.path(), fmt)
         }

@@ -177,17 +177,19 @@ fn sha256_file(p: &Path) -> std::io::Result<String> {
 }
 
 /// Writes `out` (an .ova) for the raw disk image `raw`; the files inside are named
-/// after `stem` (`out` may be a temporary name). `networks`: see [`Appliance`]. Works
-/// in a temporary directory beside `out`, removed on return.
+/// after `stem` (`out` may be a temporary name). `networks`: see [`Appliance`]. The
+/// VMDK and descriptor are made in a directory under `scratch` (the build's work
+/// directory, which the crash journal covers), removed on return.
 pub fn write(
     raw: &Path,
     out: &Path,
     stem: &str,
     networks: Vec<&'static str>,
+    scratch: &Path,
 ) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
-        .prefix(".ova-")
-        .tempdir_in(out.parent().unwrap_or(Path::new(".")))?;
+        .prefix("ova-")
+        .tempdir_in(scratch)?;
     let disk_file = format!("{stem}-disk1.vmdk");
     let vmdk = dir.path().join(&disk_file);
     Cmd::new("qemu-img")
