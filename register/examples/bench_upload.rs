@@ -9,6 +9,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::MotoExt;
 use register::{NoProgress, RegisterError, Via};
 use std::io::Read;
 use std::path::Path;
@@ -88,7 +89,9 @@ async fn main() {
 
     let small = dir.path().join("moto.img");
     sparse_image(&small, msize, mdata);
-    let moto = common::MotoServer::start().await;
+    let moto = common::Moto::start()
+        .await
+        .expect("moto_server (MKIMAGE_SKIP_EMULATORS=1 and it is missing)");
     let base = moto.ec2_options();
     let c = register::ec2::clients(&base).await.unwrap();
     c.s3.create_bucket().bucket("bench").send().await.unwrap();

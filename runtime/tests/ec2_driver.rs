@@ -6,7 +6,6 @@
 #![cfg(feature = "clouds")]
 
 mod common;
-mod emulators;
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +40,24 @@ fn vars(token: &str) -> NodeVars {
         replacements: [("STRING".to_string(), "hi".to_string())].into(),
         startup_script: None,
     }
+}
+
+/// An EC2 client on `moto` (region us-east-1, test credentials).
+async fn ec2_client(moto: &Moto) -> aws_sdk_ec2::Client {
+    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(http)
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(&moto.url)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .load()
+        .await;
+    aws_sdk_ec2::Client::new(&conf)
 }
 
 /// An AMI moto knows, and the key pair `conpaas`.
@@ -142,7 +159,7 @@ async fn ec2_driver_in_moto() {
     let Some(moto) = Moto::start().await else {
         return;
     };
-    let ec2 = moto.client().await;
+    let ec2 = ec2_client(&moto).await;
     let ami = prepare(&ec2).await;
     let dir = tempfile::tempdir().unwrap();
     let settings = match load_cloud(&write_cfg(dir.path(), &moto, &ami, ""), "aws", None).unwrap() {
@@ -237,7 +254,7 @@ async fn manager_local_plus_ec2_clouds() {
     let Some(moto) = Moto::start().await else {
         return;
     };
-    let ec2 = moto.client().await;
+    let ec2 = ec2_client(&moto).await;
     let ami = prepare(&ec2).await;
     let pki = common::Pki::new();
     let d = pki.dir.path().to_path_buf();

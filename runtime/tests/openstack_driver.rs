@@ -3,12 +3,13 @@
 //! (see its README: Nova itself cannot run here).
 #![cfg(feature = "clouds")]
 
-mod emulators;
+mod nova;
 
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use emulators::{Keystone, NovaFixtures};
+use emulators::Keystone;
+use nova::NovaFixtures;
 use runtime::cloud::{Cloud, NodeRequest, Owner};
 use runtime::cloudcfg::{load_cloud, CloudSettings};
 use runtime::context::{ConfigTree, NodeVars};
@@ -79,8 +80,10 @@ async fn openstack_driver_keystone_and_nova_fixtures() {
         return;
     };
     let nova = NovaFixtures::start().await;
-    ks.add_project_user("conpaas", "cps", "cps-pw").await;
-    ks.add_compute_endpoint(&nova.url).await;
+    ks.add_project_user("conpaas", "cps", "cps-pw", "member")
+        .await;
+    ks.add_service("compute", "nova", &nova.url, &["public"])
+        .await;
     eprintln!("keystone ready after {:?}", t0.elapsed());
     let dir = tempfile::tempdir().unwrap();
 
@@ -216,8 +219,10 @@ async fn manager_with_openstack_cloud_reaps_orphans_at_start() {
         return;
     };
     let nova = NovaFixtures::start().await;
-    ks.add_project_user("conpaas", "cps", "cps-pw").await;
-    ks.add_compute_endpoint(&nova.url).await;
+    ks.add_project_user("conpaas", "cps", "cps-pw", "member")
+        .await;
+    ks.add_service("compute", "nova", &nova.url, &["public"])
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let cfg_file = write_cfg(dir.path(), &ks, "cps-pw");
     let d = dir.path();
