@@ -3,51 +3,19 @@
 //! and what EC2 stored is appended to the manifest.
 
 use e2e::*;
+use emulators::Moto;
 use mkimage::manifest::{Artefact, Manifest};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let venv =
-            std::env::var("MKIMAGE_EMULATORS").unwrap_or_else(|_| "/opt/mkimage-emulators".into());
-        let bin = PathBuf::from(venv).join("venv-moto/bin/moto_server");
-        assert!(
-            bin.exists(),
-            "{} missing: run tests/harness/setup-emulators.sh",
-            bin.display()
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(60), "moto did not start");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Moto { child, port }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// moto from the workspace's emulator harness (its start is async: the harness serves
+/// async tests too); `None` when `MKIMAGE_SKIP_EMULATORS=1` and moto is not installed.
+fn start_moto() -> Option<Moto> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(Moto::start())
 }
 
 /// An 8 MiB image with data in two places, and the manifest a build would write.
@@ -86,7 +54,7 @@ fn register(moto: &Moto, img: &Path) -> std::process::Output {
         .args(["register", "ec2"])
         .arg(img)
         .arg("--endpoint-url")
-        .arg(format!("http://127.0.0.1:{}", moto.port))
+        .arg(&moto.url)
         .args(["--region", "us-east-1", "--parallelism", "4"])
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing"))
@@ -94,7 +62,9 @@ fn register(moto: &Moto, img: &Path) -> std::process::Output {
 
 #[test]
 fn register_ec2_records_the_ami_in_the_manifest_and_refuses_a_changed_image() {
-    let moto = Moto::start();
+    let Some(moto) = start_moto() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let img = image_with_manifest(dir.path());
     let out = register(&moto, &img);
@@ -153,7 +123,9 @@ fn moto_snapshots(moto: &Moto) -> Vec<String> {
 /// the crash journal names it (by its build-id tag) and `mkimage gc` deletes it.
 #[test]
 fn a_killed_registration_leaves_a_snapshot_that_gc_deletes() {
-    let moto = Moto::start();
+    let Some(moto) = start_moto() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let img = image_with_manifest(dir.path());
@@ -162,7 +134,7 @@ fn a_killed_registration_leaves_a_snapshot_that_gc_deletes() {
         .args(["register", "ec2"])
         .arg(&img)
         .arg("--endpoint-url")
-        .arg(format!("http://127.0.0.1:{}", moto.port))
+        .arg(&moto.url)
         .args(["--region", "us-east-1"])
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
