@@ -150,7 +150,14 @@ fn agents_run_in_containers_and_answer_over_mtls() {
         ],
         &[],
     ));
-    let (port, enroll_port) = (free_port(), free_port());
+    // Two probes in a row may be handed the same free port; the manager could then bind
+    // only one of them.
+    let (port, enroll_port) = loop {
+        let (a, b) = (free_port(), free_port());
+        if a != b {
+            break (a, b);
+        }
+    };
     let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
     let cfg = format!(
         "[manager]\nTYPE = helloworld\nUSER_ID = 1\nAPP_ID = 1\nBIND = 127.0.0.1\nMY_IP = 127.0.0.1\n\
@@ -166,17 +173,38 @@ fn agents_run_in_containers_and_answer_over_mtls() {
         root.display()
     );
     std::fs::write(d.join("manager.cfg"), cfg).unwrap();
-    let _mgr = Manager(
+    let out = std::fs::File::create(d.join("manager.out")).unwrap();
+    let mut mgr = Manager(
         Command::new(CPS)
             .args(["manager", "-c", &p("manager.cfg")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
             .spawn()
             .unwrap(),
     );
-    wait_for("the enrolment port", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(("127.0.0.1", enroll_port)).is_ok()
-    });
+    // On a timeout or an early exit, say what the manager said.
+    let said = || {
+        format!(
+            "manager output:\n{}\nmanager log:\n{}",
+            std::fs::read_to_string(d.join("manager.out")).unwrap_or_default(),
+            std::fs::read_to_string(d.join("manager.log")).unwrap_or_default()
+        )
+    };
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", enroll_port)).is_err() {
+        if let Ok(Some(st)) = mgr.0.try_wait() {
+            panic!(
+                "the manager exited ({st}) before its enrolment port opened; {}",
+                said()
+            );
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "timed out waiting for the enrolment port {enroll_port}; {}",
+            said()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // The owner's certificate, through the one-time USER_TOKEN.
     let user = p("user");
