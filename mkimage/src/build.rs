@@ -451,8 +451,9 @@ fn run_stages<'r>(
     // The restored layers: mounted as the trees until the build ends.
     let mut layers = Vec::new();
     // Whether each tree is a mounted layer already (else a plain directory, which a
-    // first layer is stored by moving into the cache).
+    // first layer is stored by moving into the cache), and which of `layers` it is.
     let mut on_layer = [false, false];
+    let mut layer_of: [Option<usize>; 2] = [None, None];
     let n = planned.len();
     // The last cache layer each tree matches: the next layer hard-links to it.
     let mut parent_layer: [Option<(String, String)>; 2] = [None, None];
@@ -498,6 +499,7 @@ fn run_stages<'r>(
                 .map(|m| {
                     layers.push(m);
                     on_layer[slot] = true;
+                    layer_of[slot] = Some(layers.len() - 1);
                 })
                 .and_then(|_| crate::stage::fail_point(&name))
         } else {
@@ -529,9 +531,26 @@ fn run_stages<'r>(
                 Ok(Some(m)) => {
                     layers.push(m);
                     on_layer[slot] = true;
+                    layer_of[slot] = Some(layers.len() - 1);
                 }
                 Ok(None) => {
-                    if let Err(e) = cache.store(&name, &p.key, &c.rootfs, parent) {
+                    // On a mounted layer, the entry is made from its lower tree and the
+                    // changes in its upper directory; otherwise by comparing the whole
+                    // tree with the parent entry.
+                    let overlay = layer_of[slot]
+                        .filter(|_| on_layer[slot])
+                        .and_then(|i| layers[i].overlay_dirs());
+                    let fast = overlay
+                        .map(|(lower, upper)| cache.store_overlay(&name, &p.key, lower, upper));
+                    let stored = match fast {
+                        Some(Ok(())) => Ok(()),
+                        Some(Err(e)) => {
+                            tracing::info!("{shown}: storing by comparison instead: {e:#}");
+                            cache.store(&name, &p.key, &c.rootfs, parent)
+                        }
+                        None => cache.store(&name, &p.key, &c.rootfs, parent),
+                    };
+                    if let Err(e) = stored {
                         tracing::warn!("could not store stage {shown} in the cache: {e:#}");
                     }
                 }

@@ -60,6 +60,18 @@ type Lock = nix::fcntl::Flock<std::fs::File>;
 pub struct LayerMount {
     _mount: Option<crate::host::MountGuard>,
     _in_use: Lock,
+    /// For an overlay: the entry's tree (its lower layer) and the upper directory that
+    /// holds every change made since; see [`Cache::store_overlay`].
+    overlay: Option<(PathBuf, PathBuf)>,
+}
+
+impl LayerMount {
+    /// The lower tree and the upper directory, when this layer is an overlay.
+    pub fn overlay_dirs(&self) -> Option<(&Path, &Path)> {
+        self.overlay
+            .as_ref()
+            .map(|(l, u)| (l.as_path(), u.as_path()))
+    }
 }
 
 /// overlayfs takes its directories in a comma-separated option string: an absolute
@@ -186,6 +198,7 @@ impl Cache {
                     return Ok(LayerMount {
                         _mount: Some(m),
                         _in_use: in_use,
+                        overlay: Some((entry.join("rootfs"), upper)),
                     })
                 }
                 Err(e) => tracing::info!("{e}: restoring the layer by copy instead"),
@@ -195,6 +208,7 @@ impl Cache {
         Ok(LayerMount {
             _mount: None,
             _in_use: in_use,
+            overlay: None,
         })
     }
 
@@ -258,6 +272,34 @@ impl Cache {
         copy_layer(tree, &tmp.join("rootfs"), link_dest.as_deref())?;
         // Another build may have stored the same layer meanwhile; then ours goes with
         // the guard (which otherwise finds the directory renamed away: a no-op).
+        self.publish(&tmp, stage, key)
+    }
+
+    /// Stores the tree of an overlay (see [`Cache::mount_layer`]) as the entry for
+    /// `key`: the lower layer's tree hard-linked file by file (`cp -al`, which reads
+    /// no file), then the upper directory's changes applied on top of it. That costs a
+    /// walk over the directories plus what the stages since the lower layer changed,
+    /// where [`Cache::store`] compares every file of the tree with its parent's
+    /// (about 0.5 s instead of 1.7 s for the kernel layer).
+    ///
+    /// Fails, storing nothing, when the upper directory uses overlayfs features this
+    /// cannot express (redirected directories, metadata-only copies); the caller then
+    /// uses [`Cache::store`].
+    pub fn store_overlay(
+        &self,
+        stage: &str,
+        key: &str,
+        lower: &Path,
+        upper: &Path,
+    ) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        if self.entry(stage, key).join("COMPLETE").exists() {
+            return Ok(());
+        }
+        let (tmp, _tmp_guard) = self.temp_entry(stage)?;
+        let dest = tmp.join("rootfs");
+        Cmd::new("cp").arg("-al").arg(lower).arg(&dest).run()?;
+        overlay_upper::apply(upper, &dest)?;
         self.publish(&tmp, stage, key)
     }
 
@@ -528,6 +570,172 @@ fn copy_layer(src: &Path, dest: &Path, link_dest: Option<&Path>) -> anyhow::Resu
     Ok(())
 }
 
+/// Applying an overlayfs upper directory to a copy of its lower tree, the way the
+/// overlay shows it: whiteouts (character devices 0/0) delete, an opaque directory
+/// (`trusted.overlay.opaque=y`) replaces the lower one, anything else replaces or adds.
+mod overlay_upper {
+    use crate::host::{fsutil, Cmd};
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::path::{Path, PathBuf};
+
+    const PREFIX: &str = "trusted.overlay.";
+
+    fn c_path(p: &Path) -> std::io::Result<CString> {
+        CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other)
+    }
+
+    /// Names of the extended attributes of `p` (not following a symlink).
+    fn xattr_names(p: &Path) -> std::io::Result<Vec<String>> {
+        let c = c_path(p)?;
+        // SAFETY: a valid C string; a null buffer of size 0 asks for the size.
+        let n = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; n as usize];
+        // SAFETY: the buffer is as long as we say.
+        let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        Ok(buf
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect())
+    }
+
+    fn xattr_value(p: &Path, name: &str) -> Option<Vec<u8>> {
+        let (c, n) = (c_path(p).ok()?, CString::new(name).ok()?);
+        let mut buf = vec![0u8; 256];
+        // SAFETY: valid C strings and a buffer as long as we say.
+        let r =
+            unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        (r >= 0).then(|| {
+            buf.truncate(r as usize);
+            buf
+        })
+    }
+
+    fn remove_xattr(p: &Path, name: &str) -> std::io::Result<()> {
+        let (c, n) = (
+            c_path(p)?,
+            CString::new(name).map_err(std::io::Error::other)?,
+        );
+        // SAFETY: valid C strings.
+        if unsafe { libc::lremovexattr(c.as_ptr(), n.as_ptr()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn remove_any(p: &Path) -> std::io::Result<()> {
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => fsutil::remove_tree(p).map_err(std::io::Error::other),
+            Ok(_) => std::fs::remove_file(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn xattr_names_for_tests(p: &Path) -> Vec<String> {
+        xattr_names(p).unwrap()
+    }
+
+    #[cfg(test)]
+    pub fn set_xattr_for_tests(p: &Path, name: &str, value: &[u8]) {
+        let (c, n) = (c_path(p).unwrap(), CString::new(name).unwrap());
+        // SAFETY: valid C strings and a value buffer as long as we say.
+        let r = unsafe {
+            libc::lsetxattr(
+                c.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        assert_eq!(r, 0, "setxattr {}", std::io::Error::last_os_error());
+    }
+
+    fn is_whiteout(m: &std::fs::Metadata) -> bool {
+        m.file_type().is_char_device() && m.rdev() == 0
+    }
+
+    /// Makes `dest` (a hard-linked copy of the lower tree) what the overlay of it and
+    /// `upper` shows.
+    pub fn apply(upper: &Path, dest: &Path) -> anyhow::Result<()> {
+        // 1. Delete in `dest` what the upper layer deletes or replaces. Every file the
+        //    upper layer has is unlinked first, even one with the same content: the
+        //    copy below then makes a new file and never writes through a hard link
+        //    into the lower layer's entry.
+        // The root too: its attributes are the upper directory's in the overlay.
+        let mut entries = vec![(PathBuf::new(), false)];
+        prepare(upper, dest, Path::new(""), &mut entries)?;
+        // 2. Copy the upper layer over it (owners, modes, times, xattrs, hard links).
+        let mut src = upper.as_os_str().to_owned();
+        src.push("/.");
+        Cmd::new("cp").arg("-a").arg(src).arg(dest).run()?;
+        // 3. The whiteouts came along as device nodes, and overlayfs' own attributes as
+        //    xattrs: remove both.
+        for (rel, whiteout) in entries {
+            let p = dest.join(&rel);
+            if whiteout {
+                remove_any(&p)?;
+                continue;
+            }
+            for name in xattr_names(&p)? {
+                if name.starts_with(PREFIX) {
+                    remove_xattr(&p, &name)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn prepare(
+        upper: &Path,
+        dest: &Path,
+        rel: &Path,
+        entries: &mut Vec<(PathBuf, bool)>,
+    ) -> anyhow::Result<()> {
+        for e in std::fs::read_dir(upper.join(rel))? {
+            let r = rel.join(e?.file_name());
+            let (u, d) = (upper.join(&r), dest.join(&r));
+            let m = std::fs::symlink_metadata(&u)?;
+            if is_whiteout(&m) {
+                remove_any(&d)?;
+                entries.push((r, true));
+                continue;
+            }
+            let names = xattr_names(&u)?;
+            if let Some(n) = names
+                .iter()
+                .find(|n| *n == "trusted.overlay.redirect" || *n == "trusted.overlay.metacopy")
+            {
+                anyhow::bail!("{} has {n}: not applied file by file", u.display());
+            }
+            if m.is_dir() {
+                let opaque = xattr_value(&u, "trusted.overlay.opaque").as_deref() == Some(b"y");
+                let dest_is_dir = std::fs::symlink_metadata(&d).is_ok_and(|dm| dm.is_dir());
+                if opaque || !dest_is_dir {
+                    remove_any(&d)?;
+                }
+                entries.push((r.clone(), false));
+                prepare(upper, dest, &r, entries)?;
+            } else {
+                remove_any(&d)?;
+                entries.push((r, false));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Parses sizes like `5G`, `500M`, `1024` (MiB when no unit), `0`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -758,6 +966,128 @@ mod tests {
         );
         let (removed, _) = cache.prune(0, false).unwrap();
         assert_eq!(removed.len(), 1);
+    }
+
+    /// What a tree holds, path by path: kind, mode, owner, times, content or link
+    /// target, and xattrs (not inode numbers or link counts).
+    fn describe_tree(root: &Path) -> std::collections::BTreeMap<PathBuf, String> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = std::collections::BTreeMap::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                let m = std::fs::symlink_metadata(&p).unwrap();
+                let body = if m.is_dir() {
+                    stack.push(p.clone());
+                    "dir".to_string()
+                } else if m.file_type().is_symlink() {
+                    format!("-> {}", std::fs::read_link(&p).unwrap().display())
+                } else if m.is_file() {
+                    format!("{:?}", std::fs::read(&p).unwrap())
+                } else {
+                    format!("special {:o} {}", m.mode(), m.rdev())
+                };
+                let mut xattrs = super::overlay_upper::xattr_names_for_tests(&p);
+                xattrs.sort();
+                let times = if m.is_dir() {
+                    String::new()
+                } else {
+                    format!("{}.{}", m.mtime(), m.mtime_nsec())
+                };
+                out.insert(
+                    p.strip_prefix(root).unwrap().to_path_buf(),
+                    format!(
+                        "{:o} {}:{} {times} {body} {xattrs:?}",
+                        m.mode(),
+                        m.uid(),
+                        m.gid()
+                    ),
+                );
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn an_overlay_is_stored_as_it_shows_and_its_lower_entry_is_untouched() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        tree_with(
+            &tree,
+            &[
+                ("etc/keep", 10),
+                ("etc/edit", 10),
+                ("etc/mode", 10),
+                ("etc/gone", 10),
+                ("gone-dir/a/b", 10),
+                ("opaque/old", 10),
+                ("dir-to-file/f", 10),
+                ("file-to-dir", 10),
+                ("usr/untouched", 10),
+            ],
+        );
+        std::os::unix::fs::symlink("/etc/keep", tree.join("etc/link")).unwrap();
+        let cache = Cache::new(&d.path().join("cache"));
+        cache.store("base", "k1", &tree, None).unwrap();
+        let base = cache.entry("base", "k1").join("rootfs");
+        let base_before = describe_tree(&base);
+        let dest = d.path().join("work/rootfs");
+        let layer = cache
+            .mount_layer("base", "k1", &dest, &d.path().join("work/layer"))
+            .unwrap();
+        let (lower, upper) = layer.overlay_dirs().expect("not an overlay (not root?)");
+        let (lower, upper) = (lower.to_path_buf(), upper.to_path_buf());
+
+        // Every kind of change a stage makes, through the overlay.
+        use std::io::Write;
+        let append = |p: &str| {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(dest.join(p))
+                .unwrap()
+                .write_all(b"more")
+                .unwrap()
+        };
+        append("etc/edit");
+        std::fs::set_permissions(
+            dest.join("etc/mode"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::remove_file(dest.join("etc/gone")).unwrap();
+        std::fs::remove_dir_all(dest.join("gone-dir")).unwrap();
+        std::fs::remove_dir_all(dest.join("opaque")).unwrap();
+        tree_with(&dest, &[("opaque/new", 3)]);
+        std::fs::remove_dir_all(dest.join("dir-to-file")).unwrap();
+        std::fs::write(dest.join("dir-to-file"), "f").unwrap();
+        std::fs::remove_file(dest.join("file-to-dir")).unwrap();
+        tree_with(&dest, &[("file-to-dir/inner", 4), ("new/deep/file", 5)]);
+        std::fs::write(dest.join("etc/hl1"), "linked").unwrap();
+        std::fs::hard_link(dest.join("etc/hl1"), dest.join("etc/hl2")).unwrap();
+        std::os::unix::fs::symlink("/etc/edit", dest.join("etc/link2")).unwrap();
+        std::fs::remove_file(dest.join("etc/link")).unwrap();
+        std::os::unix::fs::symlink("/etc/new-target", dest.join("etc/link")).unwrap();
+        super::overlay_upper::set_xattr_for_tests(&dest.join("etc/keep"), "user.mkimage", b"1");
+
+        cache.store_overlay("svc", "k2", &lower, &upper).unwrap();
+        // The reference: a plain copy of what the overlay shows.
+        cache.store("ref", "k3", &dest, None).unwrap();
+        let svc = cache.entry("svc", "k2").join("rootfs");
+        let reference = cache.entry("ref", "k3").join("rootfs");
+        assert_eq!(describe_tree(&svc), describe_tree(&reference));
+        assert_eq!(describe_tree(&base), base_before, "the lower entry changed");
+        // Unchanged files are shared with the lower entry; changed ones are not.
+        let ino = |p: &Path| std::fs::symlink_metadata(p).unwrap().ino();
+        assert_eq!(
+            ino(&base.join("usr/untouched")),
+            ino(&svc.join("usr/untouched"))
+        );
+        assert_ne!(ino(&base.join("etc/edit")), ino(&svc.join("etc/edit")));
+        assert_ne!(ino(&base.join("etc/mode")), ino(&svc.join("etc/mode")));
+        assert_eq!(ino(&svc.join("etc/hl1")), ino(&svc.join("etc/hl2")));
+        drop(layer);
     }
 
     #[test]
