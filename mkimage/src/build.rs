@@ -450,9 +450,8 @@ fn run_stages<'r>(
     let mut records = Vec::new();
     // The restored layers: mounted as the trees until the build ends.
     let mut layers = Vec::new();
-    // Whether each tree is a mounted layer already (else a plain directory, which a
-    // first layer is stored by moving into the cache), and which of `layers` it is.
-    let mut on_layer = [false, false];
+    // Which of `layers` each tree is mounted from; `None` while it is a plain directory
+    // (which a first layer is stored by moving into the cache).
     let mut layer_of: [Option<usize>; 2] = [None, None];
     let n = planned.len();
     // The last cache layer each tree matches: the next layer hard-links to it.
@@ -498,7 +497,6 @@ fn run_stages<'r>(
                 .mount_layer(&name, &p.key, &c.rootfs, &c.work.join("layer"))
                 .map(|m| {
                     layers.push(m);
-                    on_layer[slot] = true;
                     layer_of[slot] = Some(layers.len() - 1);
                 })
                 .and_then(|_| crate::stage::fail_point(&name))
@@ -522,7 +520,7 @@ fn run_stages<'r>(
             let parent = parent_layer[slot]
                 .as_ref()
                 .map(|(s, k)| (s.as_str(), k.as_str()));
-            let adopted = if on_layer[slot] {
+            let adopted = if layer_of[slot].is_some() {
                 Ok(None)
             } else {
                 cache.adopt(&name, &p.key, &c.rootfs, &c.work.join("layer"))
@@ -530,16 +528,13 @@ fn run_stages<'r>(
             match adopted {
                 Ok(Some(m)) => {
                     layers.push(m);
-                    on_layer[slot] = true;
                     layer_of[slot] = Some(layers.len() - 1);
                 }
                 Ok(None) => {
                     // On a mounted layer, the entry is made from its lower tree and the
                     // changes in its upper directory; otherwise by comparing the whole
                     // tree with the parent entry.
-                    let overlay = layer_of[slot]
-                        .filter(|_| on_layer[slot])
-                        .and_then(|i| layers[i].overlay_dirs());
+                    let overlay = layer_of[slot].and_then(|i| layers[i].overlay_dirs());
                     let fast = overlay
                         .map(|(lower, upper)| cache.store_overlay(&name, &p.key, lower, upper));
                     let stored = match fast {

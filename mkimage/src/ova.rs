@@ -7,7 +7,6 @@
 //! an importer can read it before the disk while streaming the file.
 
 use crate::host::Cmd;
-use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -170,12 +169,6 @@ pub fn descriptor(a: &Appliance) -> String {
     x
 }
 
-fn sha256_file(p: &Path) -> std::io::Result<String> {
-    let mut h = Sha256::new();
-    std::io::copy(&mut std::fs::File::open(p)?, &mut h)?;
-    Ok(hex::encode(h.finalize()))
-}
-
 /// Writes `out` (an .ova) for the raw disk image `raw`; the files inside are named
 /// after `stem` (`out` may be a temporary name). `networks`: see [`Appliance`]. The
 /// VMDK and descriptor are made in a directory under `scratch` (the build's work
@@ -212,7 +205,11 @@ pub fn write(
     let mf_file = format!("{stem}.mf");
     let mut mf = String::new();
     for f in [&ovf_file, &disk_file] {
-        let _ = writeln!(mf, "SHA256({f})= {}", sha256_file(&dir.path().join(f))?);
+        let _ = writeln!(
+            mf,
+            "SHA256({f})= {}",
+            crate::verify::sha256_file(&dir.path().join(f))?
+        );
     }
     std::fs::write(dir.path().join(&mf_file), mf)?;
     Cmd::new("tar")

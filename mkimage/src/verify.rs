@@ -18,6 +18,15 @@ pub struct Digests {
 /// A piece of the file for the hashers: `len` bytes at the start of `buf`.
 type Piece = (Arc<Vec<u8>>, usize);
 
+/// SHA-256 of a file alone, hex: for cache keys and manifests inside artefacts, where
+/// no MD5 is wanted (it would take longer than the SHA-256).
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
 /// Reads `path` once, computing both digests. `progress` gets the bytes read so far.
 ///
 /// The file is read in 4 MiB chunks by this thread while MD5 and SHA-256 run on one

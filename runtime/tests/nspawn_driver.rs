@@ -106,14 +106,6 @@ impl Drop for Manager {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn agents_run_in_containers_and_answer_over_mtls() {
     let have_nspawn = Command::new("systemd-nspawn")
@@ -153,7 +145,7 @@ fn agents_run_in_containers_and_answer_over_mtls() {
     // Two probes in a row may be handed the same free port; the manager could then bind
     // only one of them.
     let (port, enroll_port) = loop {
-        let (a, b) = (free_port(), free_port());
+        let (a, b) = (emulators::free_port(), emulators::free_port());
         if a != b {
             break (a, b);
         }

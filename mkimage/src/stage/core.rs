@@ -133,14 +133,8 @@ fn has_debug_sections(path: &Path) -> Option<bool> {
     }))
 }
 
-/// SHA-256 only: the cache key needs no MD5, which would take longer than this.
 fn digest_file(p: &Path) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    match std::fs::File::open(p).and_then(|mut f| std::io::copy(&mut f, &mut h)) {
-        Ok(_) => hex::encode(h.finalize()),
-        Err(_) => String::new(),
-    }
+    crate::verify::sha256_file(p).unwrap_or_default()
 }
 
 fn digest_tree(dir: &Path) -> String {
